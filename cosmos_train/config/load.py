@@ -1,0 +1,180 @@
+"""Recipe loading: YAML file + `key.path=value` overrides -> a validated `RecipeConfig`.
+
+Every problem is reported as a `UserError` naming the recipe file and the key path, before any
+model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from cosmos_train.config import schema as S
+from cosmos_train.errors import UserError
+
+
+def _omegaconf_error(where: str, err: OmegaConfBaseException) -> UserError:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        return UserError(f"{where}: unknown key '{key}'" + (f" (not a field of '{parent}')" if parent else ""))
+    if isinstance(err, MissingMandatoryValue):
+        return UserError(f"{where}: missing required value '{key}'")
+    if isinstance(err, ValidationError):
+        first_line = str(err).splitlines()[0]
+        return UserError(f"{where}: wrong type for '{key}': {first_line}")
+    return UserError(f"{where}: invalid value for '{key}': {str(err).splitlines()[0]}")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{line}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _parse_overrides(overrides: list[str]):
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"override '{item}' is not of the form key.path=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise UserError(f"could not parse overrides {overrides}: {err}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> S.RecipeConfig:
+    """Load and validate a recipe. Relative data/model paths are resolved against the recipe file."""
+    path = Path(path)
+    where = str(path)
+    base = OmegaConf.structured(S.RecipeConfig)
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.create(_read_yaml(path)))
+        if overrides:
+            where = f"{path} (with overrides)"
+            merged = OmegaConf.merge(merged, _parse_overrides(overrides))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise UserError(f"{where}: missing required value(s): {', '.join(missing)}")
+        cfg: S.RecipeConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(where, err) from None
+    _resolve_paths(cfg, path.parent)
+    validate(cfg, where)
+    return cfg
+
+
+def _resolve_paths(cfg: S.RecipeConfig, recipe_dir: Path) -> None:
+    """Paths in a recipe that start with ./ or ../ are relative to the recipe file; others to the cwd."""
+    def resolve(value: str) -> str:
+        if value.startswith(("./", "../")):
+            return str((recipe_dir / value).resolve())
+        return value
+
+    cfg.data.manifest = resolve(cfg.data.manifest)
+    cfg.model.pretrained = resolve(cfg.model.pretrained)
+
+
+def _check(ok: bool, where: str, key: str, allowed: str, value) -> None:
+    if not ok:
+        raise UserError(f"{where}: invalid value for '{key}': {value!r} ({allowed})")
+
+
+def validate(cfg: S.RecipeConfig, where: str = "recipe") -> None:
+    """Range and consistency checks that types alone cannot express."""
+    _check(cfg.objective in S.OBJECTIVES, where, "objective", f"one of {', '.join(S.OBJECTIVES)}", cfg.objective)
+    if cfg.objective not in S.AVAILABLE_OBJECTIVES:
+        raise UserError(f"{where}: objective '{cfg.objective}' is not available in this version yet "
+                        f"(available: {', '.join(S.AVAILABLE_OBJECTIVES)})")
+    _check(bool(cfg.output_dir.strip()), where, "output_dir", "a directory path", cfg.output_dir)
+    _check(bool(cfg.model.pretrained.strip()), where, "model.pretrained", "a hub id or local directory",
+           cfg.model.pretrained)
+    for key in ("dtype", "vae_dtype"):
+        value = getattr(cfg.model, key)
+        _check(value in S.DTYPES, where, f"model.{key}", f"one of {', '.join(S.DTYPES)}", value)
+
+    d = cfg.data
+    _check(d.resolution in S.TIER_SIZES, where, "data.resolution", "one of 256, 480, 720", d.resolution)
+    _check(d.num_frames >= 1 and (d.num_frames - 1) % 4 == 0, where, "data.num_frames",
+           "a frame count of the form 4k+1: 1, 5, 9, ..., 93, ...", d.num_frames)
+    for key in ("height", "width"):
+        value = getattr(d, key)
+        _check(value is None or (value > 0 and value % 16 == 0), where, f"data.{key}",
+               "a positive multiple of 16 (the VAE's spatial factor)", value)
+    _check(d.fps > 0, where, "data.fps", "must be > 0", d.fps)
+    _check(d.num_workers >= 0, where, "data.num_workers", "must be >= 0", d.num_workers)
+
+    g = cfg.generator
+    probs = {m: getattr(g.modes, m) for m in S.GENERATION_MODES}
+    for mode, p in probs.items():
+        _check(0.0 <= p <= 1.0, where, f"generator.modes.{mode}", "a probability in [0, 1]", p)
+    _check(math.isclose(sum(probs.values()), 1.0, abs_tol=1e-6), where, "generator.modes",
+           f"probabilities must sum to 1 (they sum to {sum(probs.values()):g})", probs)
+    if d.num_frames == 1:
+        _check(probs["t2i"] == 1.0, where, "generator.modes",
+               "with data.num_frames=1 only t2i is possible: set generator.modes.t2i=1 and the others to 0", probs)
+    _check(g.sigma_sampling in S.SIGMA_SAMPLINGS, where, "generator.sigma_sampling",
+           f"one of {', '.join(S.SIGMA_SAMPLINGS)}", g.sigma_sampling)
+    _check(g.logit_std > 0, where, "generator.logit_std", "must be > 0", g.logit_std)
+    _check(g.shift is None or g.shift > 0, where, "generator.shift", "must be > 0", g.shift)
+    _check(0.0 <= g.text_dropout < 1.0, where, "generator.text_dropout", "a probability in [0, 1)", g.text_dropout)
+    latent_frames = (d.num_frames - 1) // 4 + 1
+    if probs["v2v"] > 0:
+        _check(1 <= g.v2v_condition_frames < latent_frames, where, "generator.v2v_condition_frames",
+               f"between 1 and {latent_frames - 1} latent frames for data.num_frames={d.num_frames}",
+               g.v2v_condition_frames)
+
+    t = cfg.train
+    _check(t.method in S.FINETUNE_METHODS, where, "train.method", "lora or full", t.method)
+    _check(t.full_trainable in S.FULL_TRAINABLE, where, "train.full_trainable", "gen or all", t.full_trainable)
+    _check(t.lora.rank > 0, where, "train.lora.rank", "must be > 0", t.lora.rank)
+    _check(t.lora.alpha > 0, where, "train.lora.alpha", "must be > 0", t.lora.alpha)
+    _check(0.0 <= t.lora.dropout < 1.0, where, "train.lora.dropout", "in [0, 1)", t.lora.dropout)
+    _check(len(t.lora.target_modules) > 0 and all(isinstance(m, str) for m in t.lora.target_modules), where,
+           "train.lora.target_modules", "a non-empty list of module names", t.lora.target_modules)
+    _check(t.max_steps > 0, where, "train.max_steps", "must be > 0", t.max_steps)
+    _check(t.lr > 0, where, "train.lr", "must be > 0", t.lr)
+    _check(t.weight_decay >= 0, where, "train.weight_decay", "must be >= 0", t.weight_decay)
+    for key in ("adam_beta1", "adam_beta2"):
+        _check(0 <= getattr(t, key) < 1, where, f"train.{key}", "in [0, 1)", getattr(t, key))
+    _check(t.lr_schedule in S.LR_SCHEDULES, where, "train.lr_schedule", f"one of {', '.join(S.LR_SCHEDULES)}",
+           t.lr_schedule)
+    _check(t.warmup_steps >= 0, where, "train.warmup_steps", "must be >= 0", t.warmup_steps)
+    _check(0 <= t.min_lr_ratio <= 1, where, "train.min_lr_ratio", "in [0, 1]", t.min_lr_ratio)
+    _check(t.batch_size > 0, where, "train.batch_size", "must be > 0", t.batch_size)
+    _check(t.grad_accum_steps > 0, where, "train.grad_accum_steps", "must be > 0", t.grad_accum_steps)
+    _check(t.max_grad_norm >= 0, where, "train.max_grad_norm", "must be >= 0 (0 disables clipping)",
+           t.max_grad_norm)
+    _check(t.checkpoint_every > 0, where, "train.checkpoint_every", "must be > 0", t.checkpoint_every)
+    _check(t.keep_checkpoints > 0, where, "train.keep_checkpoints", "must be > 0", t.keep_checkpoints)
+    _check(t.log_every > 0, where, "train.log_every", "must be > 0", t.log_every)
+    _check(t.device in ("auto", "cpu", "cuda"), where, "train.device", "auto, cpu or cuda", t.device)
+    _check(cfg.logging.wandb_mode in ("offline", "online"), where, "logging.wandb_mode", "offline or online",
+           cfg.logging.wandb_mode)
+
+
+def recipe_to_yaml(cfg: S.RecipeConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_recipe(cfg: S.RecipeConfig, path: str | Path) -> None:
+    Path(path).write_text(recipe_to_yaml(cfg))
+
+
+def load_saved_recipe(path: str | Path) -> S.RecipeConfig:
+    """Reload a resolved recipe written by `save_recipe` (paths are already absolute)."""
+    merged = OmegaConf.merge(OmegaConf.structured(S.RecipeConfig), OmegaConf.create(_read_yaml(Path(path))))
+    return OmegaConf.to_object(merged)

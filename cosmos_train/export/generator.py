@@ -1,0 +1,120 @@
+"""Export a generator run: a full pipeline directory (LoRA merged) or a LoRA-only adapter.
+
+The output is built in a temporary directory next to OUT_DIR and renamed into place only after it
+has verified itself: the exported transformer (or base + exported adapter) is reloaded from disk and
+its predictions on one fixed input must match the trained model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cosmos_train.config import load_saved_recipe
+from cosmos_train.errors import UserError
+from cosmos_train.models import load_model, resolve_pretrained
+from cosmos_train.trainer import checkpoint as ckpt
+from cosmos_train.trainer.adapters import ADAPTER_NAME, load_trainable_state_dict, setup_trainable
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name load_lora_adapter must be given
+# Relative tolerance on the fixed-input prediction: fp32 merges are exact up to summation order;
+# bf16 merges round W + BA once more.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def _fixed_input(model) -> tuple[dict, torch.Tensor, float]:
+    g = torch.Generator().manual_seed(1234)
+    ids, _ = model.tokenize("A red ball rolls across a table.", num_frames=9, height=64, width=64, fps=24.0)
+    channels = model.transformer.config.latent_channel
+    latent = torch.randn(1, channels, 3, 4, 4, generator=g)
+    return model.build_sequence(ids, latent.shape, [0], 24.0), latent, 400.0
+
+
+@torch.no_grad()
+def _predict(model, transformer=None) -> torch.Tensor:
+    if transformer is not None:
+        model.pipe.transformer = transformer
+        model.forward_module = None
+    model.transformer.eval()
+    sequence, latent, timestep = _fixed_input(model)
+    return model.predict_velocity(sequence, latent, timestep).float()
+
+
+def _compare(reference: torch.Tensor, exported: torch.Tensor, dtype: torch.dtype, what: str) -> float:
+    rel = float((reference - exported).abs().max() / reference.abs().max().clamp_min(1e-12))
+    if not rel <= TOLERANCE.get(dtype, 3e-2):
+        raise RuntimeError(f"export verification failed: {what} differs from the trained model "
+                           f"(max relative difference {rel:.3e}); the export was not written")
+    return rel
+
+
+def _source_dir(pretrained: str, cfg) -> Path:
+    path = Path(resolve_pretrained(pretrained))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(pretrained, revision=cfg.model.revision, local_files_only=cfg.model.local_files_only))
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None, lora_only: bool = False) -> dict:
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    recipe_path = run_dir / "recipe.yaml"
+    if not recipe_path.is_file():
+        raise UserError(f"{run_dir} is not a cosmos_train run directory (no recipe.yaml)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"export target {out_dir} exists and is not empty; choose a new directory")
+    cfg = load_saved_recipe(recipe_path)
+    if cfg.objective != "generator":
+        raise UserError(f"this exporter handles generator runs; {run_dir} is a '{cfg.objective}' run")
+    if lora_only and cfg.train.method != "lora":
+        raise UserError("--lora-only needs a LoRA run; this run used full finetuning")
+    checkpoint = ckpt.find_checkpoint(run_dir, step)
+    weights, state, _ = ckpt.load_checkpoint(checkpoint)
+
+    trained = load_model(cfg)
+    setup_trainable(trained.transformer, cfg.train)
+    load_trainable_state_dict(trained.transformer, cfg.train.method, weights)
+    reference = _predict(trained)
+    dtype = trained.transformer.embed_tokens.weight.dtype
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if lora_only:
+            trained.transformer.save_lora_adapter(str(tmp), adapter_name=ADAPTER_NAME, weight_name=LORA_WEIGHT_NAME)
+            fresh = load_model(cfg)
+            fresh.transformer.load_lora_adapter(str(tmp), weight_name=LORA_WEIGHT_NAME, adapter_name=ADAPTER_NAME)
+            rel = _compare(reference, _predict(fresh), dtype, "base model + exported LoRA adapter")
+        else:
+            transformer = trained.transformer
+            if cfg.train.method == "lora":
+                transformer.fuse_lora(adapter_names=[ADAPTER_NAME])
+                transformer.unload_lora()
+            transformer.to(dtype)  # fp32 trainable weights go back to the checkpoint's dtype
+            source = _source_dir(cfg.model.pretrained, cfg)
+            for item in source.iterdir():
+                if item.name in ("transformer",) or item.name.startswith("."):
+                    continue
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+            transformer.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
+            from diffusers import Cosmos3OmniTransformer
+
+            reloaded = Cosmos3OmniTransformer.from_pretrained(str(tmp / "transformer"), torch_dtype=dtype)
+            rel = _compare(reference, _predict(trained, reloaded), dtype, "exported transformer")
+        info = {"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint.name, "step": state["step"],
+                "method": cfg.train.method, "lora_only": lora_only, "base_model": cfg.model.pretrained,
+                "verification_max_relative_difference": rel}
+        (tmp / "cosmos_train_export.json").write_text(json.dumps(info, indent=2))
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info

@@ -1,0 +1,50 @@
+"""Model adapters. Trainers and exporters get a model through `load_model`, never a concrete class."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cosmos_train.config.schema import RecipeConfig
+
+TINY = "tiny"  # `model.pretrained: tiny` is the built-in tiny random-weight checkpoint
+TINY_VERSION = "v1"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("COSMOS_TRAIN_CACHE", Path.home() / ".cache" / "cosmos_train"))
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """`tiny` -> the built-in tiny checkpoint (written on first use); anything else unchanged."""
+    if pretrained != TINY:
+        return pretrained
+    path = cache_root() / f"tiny-cosmos3-{TINY_VERSION}"
+    if not (path / "model_index.json").is_file():
+        import shutil
+        import tempfile
+
+        from cosmos_train.models.tiny import make_tiny
+
+        # Built aside and renamed into place: concurrent ranks or an interrupted build never see half of it.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
+        make_tiny(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
+def load_model(cfg: RecipeConfig):
+    """The model adapter for a recipe's objective, loaded from `model.pretrained`."""
+    if cfg.objective == "generator":
+        from cosmos_train.models.generator import Cosmos3Generator
+
+        m = cfg.model
+        return Cosmos3Generator.from_pretrained(
+            resolve_pretrained(m.pretrained), dtype=m.dtype, vae_dtype=m.vae_dtype, revision=m.revision,
+            local_files_only=m.local_files_only, trust_remote_code=m.trust_remote_code,
+        )
+    raise ValueError(f"no model adapter for objective {cfg.objective!r}")

@@ -1,0 +1,143 @@
+"""Cosmos 3 generator adapter: the one place that knows the concrete diffusers classes.
+
+Components are loaded with diffusers' own classes and assembled into a real `Cosmos3OmniPipeline`
+(no weights are copied) so that prompt tokenization and VAE normalization are the pipeline's own
+code: a finetuned model is prompted and encoded exactly as it will be at inference.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cosmos_train.errors import UserError
+from cosmos_train.models.sequence import TRANSFORMER_STATIC_KEYS, SequenceGeometry, build_vision_sequence
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+COMPONENTS = ("transformer", "vae", "text_tokenizer", "scheduler")
+
+
+def _check_source(pretrained: str, local_files_only: bool) -> None:
+    path = Path(pretrained)
+    looks_local = path.is_absolute() or pretrained.startswith((".", "~")) or path.exists()
+    if looks_local:
+        if not path.is_dir():
+            raise UserError(f"model.pretrained: checkpoint directory not found: {pretrained}")
+        missing = [c for c in ("model_index.json", *COMPONENTS) if not (path / c).exists()]
+        if missing:
+            raise UserError(
+                f"model.pretrained: {pretrained} is not a Cosmos 3 diffusers checkpoint "
+                f"(missing {', '.join(missing)}); expected the layout of nvidia/Cosmos3-Nano"
+            )
+    elif pretrained.count("/") != 1:
+        raise UserError(f"model.pretrained: '{pretrained}' is neither a local directory nor a hub id (org/name)")
+
+
+@dataclass
+class GeneratorSample:
+    """One prepared training sample: clean latent + the static sequence around it."""
+
+    x0: torch.Tensor  # [1, C, T, H, W], normalized as the pipeline normalizes
+    sequence: dict
+    noisy_frames: list[int]
+
+
+class Cosmos3Generator:
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.geometry = SequenceGeometry.from_configs(pipe.transformer.config, pipe.vae.config)
+        # What training calls forward on: the transformer itself, or its DDP/DeepSpeed wrapper.
+        self.forward_module = None
+
+    # ---- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str,
+        *,
+        dtype: str = "bfloat16",
+        vae_dtype: str = "float32",
+        revision: str | None = None,
+        local_files_only: bool = False,
+        trust_remote_code: bool = False,
+    ) -> "Cosmos3Generator":
+        from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline, Cosmos3OmniTransformer, UniPCMultistepScheduler
+        from transformers import AutoTokenizer
+
+        _check_source(pretrained, local_files_only)
+        common = {"revision": revision, "local_files_only": local_files_only}
+        try:
+            transformer = Cosmos3OmniTransformer.from_pretrained(
+                pretrained, subfolder="transformer", torch_dtype=DTYPES[dtype], **common
+            )
+            vae = AutoencoderKLWan.from_pretrained(pretrained, subfolder="vae", torch_dtype=DTYPES[vae_dtype], **common)
+            tokenizer = AutoTokenizer.from_pretrained(
+                pretrained, subfolder="text_tokenizer", trust_remote_code=trust_remote_code, **common
+            )
+            scheduler = UniPCMultistepScheduler.from_pretrained(pretrained, subfolder="scheduler", **common)
+        except (OSError, ValueError, json.JSONDecodeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(
+                f"model.pretrained: could not load Cosmos 3 checkpoint '{pretrained}': {first}. "
+                "A hub id needs network access (or a filled Hugging Face cache); a local directory needs the "
+                "diffusers layout (model_index.json, transformer/, vae/, text_tokenizer/, scheduler/)."
+            ) from None
+        pipe = Cosmos3OmniPipeline(
+            transformer=transformer, text_tokenizer=tokenizer, vae=vae, scheduler=scheduler,
+            enable_safety_checker=False,
+        )
+        return cls(pipe)
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def tokenizer(self):
+        return self.pipe.text_tokenizer
+
+    def to(self, device) -> "Cosmos3Generator":
+        self.pipe.transformer.to(device)
+        self.pipe.vae.to(device)
+        return self
+
+    # ---- inputs, as the pipeline builds them -----------------------------------------------
+    def tokenize(self, caption: str, num_frames: int, height: int, width: int, fps: float,
+                 use_system_prompt: bool = True) -> tuple[list[int], list[int]]:
+        """(conditional, unconditional) token ids, built by the pipeline's own `tokenize_prompt`."""
+        return self.pipe.tokenize_prompt(
+            caption, None, num_frames=num_frames, height=height, width=width, fps=fps,
+            use_system_prompt=use_system_prompt,
+        )
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[3, T, H, W] or [B, 3, T, H, W] in [-1, 1] -> normalized latent [B, C, T', H', W'] (pipeline's encoder)."""
+        if pixels.ndim == 4:
+            pixels = pixels.unsqueeze(0)
+        device = next(self.vae.parameters()).device
+        return self.pipe._encode_video(pixels.to(device)).float()
+
+    def build_sequence(self, input_ids: list[int], latent_shape, clean_frames: list[int], fps: float) -> dict:
+        device = next(self.transformer.parameters()).device
+        return build_vision_sequence(input_ids, latent_shape, clean_frames, fps, self.geometry, device=device)
+
+    # ---- forward -------------------------------------------------------------------------
+    def predict_velocity(self, sequence: dict, noisy_latent: torch.Tensor, timestep: float) -> torch.Tensor:
+        """Vision velocity for one sample; `timestep` is sigma * 1000. Clean frames come back as zeros."""
+        dtype = self.transformer.dtype
+        kwargs = {k: sequence[k] for k in TRANSFORMER_STATIC_KEYS}
+        device = kwargs["input_ids"].device
+        timesteps = torch.full((sequence["num_noisy_vision_tokens"],), float(timestep), device=device)
+        preds, _, _ = (self.forward_module or self.transformer)(
+            **kwargs, vision_tokens=[noisy_latent.to(device=device, dtype=dtype)], vision_timesteps=timesteps,
+            return_dict=False,
+        )
+        return preds[0]

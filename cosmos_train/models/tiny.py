@@ -1,0 +1,444 @@
+"""`make-tiny`: a tiny random-weight checkpoint in the layout of nvidia/Cosmos3-Nano's diffusers form.
+
+The checkpoint is built only from the real library classes (`diffusers.Cosmos3OmniTransformer`,
+`diffusers.AutoencoderKLWan` in its Wan2.2 form, `diffusers.Cosmos3AVAEAudioTokenizer`,
+`diffusers.UniPCMultistepScheduler`, a `transformers.PreTrainedTokenizerFast` carrying the Qwen3-VL
+special tokens and a ChatML template) and written with `Cosmos3OmniPipeline.save_pretrained`, so
+`Cosmos3OmniPipeline.from_pretrained(out_dir)` loads it offline and generates. Everything is small enough
+for CPU tests (transformer well under 10 M parameters, one 2-step 9x64x64 generation in well under a
+second) and deterministic: the same `seed` gives bit-identical files.
+
+Layout written::
+
+    model_index.json
+    transformer/      config.json + diffusion_pytorch_model.safetensors
+    vae/              config.json + diffusion_pytorch_model.safetensors
+    sound_tokenizer/  config.json + diffusion_pytorch_model.safetensors
+    text_tokenizer/   tokenizer.json, tokenizer_config.json, chat template
+    scheduler/        scheduler_config.json
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cosmos_train.errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# Tiny configurations. Keys not listed keep the diffusers defaults, which are the Nano values
+# (fps modulation on, base_fps 24, mRoPE margin 15000, spatial-id reset, timestep_scale 0.001, ...).
+# ---------------------------------------------------------------------------------------------
+
+TINY_TRANSFORMER_CONFIG: dict = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "head_dim": 16,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "latent_channel": 48,
+    "latent_patch_size": 2,
+    "patch_latent_dim": 192,  # latent_channel * latent_patch_size**2
+    # head_dim // 2 == 8 rotary frequencies, interleaved T/H/W like Nano's [24, 20, 20] of 64:
+    # H takes indices 1, 4 and W takes 2, 5; T keeps 0, 3, 6, 7.
+    "rope_axes_dim": [4, 2, 2],
+    "rope_theta": 5000000.0,
+    "enable_fps_modulation": True,
+    "base_fps": 24,
+    "unified_3d_mrope_reset_spatial_ids": True,
+    "unified_3d_mrope_temporal_modality_margin": 15000,
+    "sound_gen": True,
+    "sound_dim": 64,  # == Cosmos3AVAEAudioTokenizer.vocoder_input_dim (its default, 64)
+    "sound_latent_fps": 25.0,
+    "action_gen": True,
+    "action_dim": 64,  # widest embodiment (hand_pose) is 57, zero-padded up to action_dim
+    "num_embodiment_domains": 32,
+    "timestep_scale": 0.001,
+    "hidden_act": "silu",
+    "qk_norm_for_text": True,
+    "use_und_k_norm_for_gen": False,
+    "attention_bias": False,
+    "rms_norm_eps": 1e-6,
+    # vocab_size is set to len(tokenizer) at build time
+}
+
+# Wan2.2 topology (z_dim 48, residual blocks, 2x2 patchify of 3 -> 12 channels, 16x spatial, 4x temporal)
+# with tiny widths. latents_mean / latents_std are computed at build time (see `_calibrate_latent_stats`).
+TINY_VAE_CONFIG: dict = {
+    "base_dim": 8,
+    "decoder_base_dim": 12,  # Wan2.2 also uses a wider decoder than encoder (256 vs 160)
+    "z_dim": 48,
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_scales": [],
+    "temperal_downsample": [False, True, True],
+    "dropout": 0.0,
+    "is_residual": True,
+    "in_channels": 12,
+    "out_channels": 12,
+    "patch_size": 2,
+    "scale_factor_spatial": 16,
+    "scale_factor_temporal": 4,
+}
+
+# The shipped AVAE topology (48 kHz stereo, hop 2*4*5*6*8 = 1920 samples -> 25 latent frames/s,
+# 64 latent channels) with tiny widths.
+TINY_SOUND_TOKENIZER_CONFIG: dict = {
+    "sampling_rate": 48000,
+    "vocoder_input_dim": 64,
+    "dec_dim": 8,
+    "dec_c_mults": [1, 2, 4, 8, 16],
+    "dec_strides": [2, 4, 5, 6, 8],
+    "dec_out_channels": 2,
+    "stereo": True,
+    "enc_dim": 8,
+    "enc_intermediate_dim": 32,
+    "enc_num_layers": 3,
+    "enc_num_blocks": 1,
+    "enc_n_fft": 64,
+    "enc_hop_length": 16,
+    "enc_latent_dim": 128,  # 2 * vocoder_input_dim (mean and scale)
+    "enc_c_mults": [1, 2, 4],
+    "enc_strides": [4, 5, 6],
+}
+
+# UniPC as a flow-matching solver, as Cosmos 3 samples (Nano uses flow_shift 10 at 720p; the tiny
+# model works at 64x64, where a smaller shift is the matching choice).
+TINY_SCHEDULER_CONFIG: dict = {
+    "num_train_timesteps": 1000,
+    "solver_order": 2,
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 5.0,
+    "solver_type": "bh2",
+    "predict_x0": True,
+    "lower_order_final": True,
+    "final_sigmas_type": "zero",
+    "timestep_spacing": "linspace",
+}
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer: byte-level BPE trained on a fixed corpus, Qwen3-VL's pre-tokenization and special tokens.
+# ---------------------------------------------------------------------------------------------
+
+TINY_BPE_VOCAB_SIZE = 1024  # byte-level BPE part; the special tokens follow it, as in Qwen
+
+# (content, special) in Qwen3-VL's order; ids are TINY_BPE_VOCAB_SIZE + index, mirroring
+# Qwen's 151643 + index (<|endoftext|> 151643, <|im_start|> 151644, <|vision_start|> 151652, ...).
+QWEN_ADDED_TOKENS: list[tuple[str, bool]] = [
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
+    ("<tool_response>", False),
+    ("</tool_response>", False),
+    ("<think>", False),
+    ("</think>", False),
+]
+
+# Qwen2 / Qwen3 pre-tokenization regex.
+_QWEN_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# ChatML as Qwen3-VL writes it (no default system prompt; string or list-of-parts content;
+# image/video parts become <|vision_start|><|image_pad|/video_pad|><|vision_end|>; `add_vision_id`
+# prefixes "Picture n: " / "Video n: "). Tool calls and <think> handling are left out.
+QWEN_CHAT_TEMPLATE = (
+    "{%- set image_count = namespace(value=0) -%}"
+    "{%- set video_count = namespace(value=0) -%}"
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for content in message['content'] -%}"
+    "{%- if content['type'] == 'image' or 'image' in content or 'image_url' in content -%}"
+    "{%- set image_count.value = image_count.value + 1 -%}"
+    "{%- if add_vision_id -%}{{- 'Picture ' + image_count.value|string + ': ' -}}{%- endif -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif content['type'] == 'video' or 'video' in content -%}"
+    "{%- set video_count.value = video_count.value + 1 -%}"
+    "{%- if add_vision_id -%}{{- 'Video ' + video_count.value|string + ': ' -}}{%- endif -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in content -%}"
+    "{{- content['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+# Fixed training text: video-caption English plus the exact prompt templates the pipeline adds,
+# so that prompts tokenize into short, realistic sequences.
+_CORPUS = """\
+You are a helpful assistant who will generate videos from a give prompt.
+You are a helpful assistant who will generate images from a give prompt.
+The video is 7.9 seconds long and is of 24 FPS. This video is of 720x1280 resolution.
+The video is 5.0 seconds long and is of 16 FPS. This video is of 480x832 resolution.
+The video is 0.4 seconds long and is of 24 FPS. This video is of 64x64 resolution.
+The video is not 2.0 seconds long and is not of 30 FPS. This video is not of 192x320 resolution.
+This image is of 1024x1024 resolution. This image is not of 256x256 resolution.
+A red car drives along a winding coastal road at sunset, the camera following from behind.
+A small brown dog runs across a green park and jumps to catch a yellow ball in the air.
+A robot arm picks up a blue cube from a wooden table and places it inside a white bowl.
+The camera slowly pans across a busy city street at night, with neon signs and wet pavement.
+Waves crash against black rocks on a stormy beach while seagulls fly over the water.
+A woman in a long coat walks through falling snow in a quiet forest, leaving footprints behind her.
+Close-up of hands kneading dough on a floured kitchen counter in warm morning light.
+A time-lapse of clouds moving over snowy mountain peaks, shadows sliding across the valley.
+A cyclist rides down a narrow street lined with old stone houses and flower boxes.
+A cat sleeps on a sunny windowsill, its tail slowly twitching as leaves move outside.
+An aerial drone shot flies over a river that winds through autumn forests of red and orange trees.
+A chef slices fresh vegetables with a sharp knife, the pieces falling into a metal pan.
+Children play soccer on a dusty field while the sun sets behind distant hills.
+A train moves through a green countryside, steam rising from the engine into the blue sky.
+Rain drops run down a window, and blurry city lights glow in the background.
+A humanoid robot walks forward on a factory floor, turning its head to look at a conveyor belt.
+A gripper opens, moves toward a red apple, closes around it and lifts it from the basket.
+The ego car waits at a traffic light, then turns left at the intersection as pedestrians cross.
+A person pours hot coffee into a white cup; steam curls upward in the morning light.
+Fireworks burst over a harbor at night, reflected in the calm dark water below.
+A horse gallops across an open field of tall grass, its mane flowing in the wind.
+A scientist in a laboratory looks through a microscope and writes notes in a notebook.
+Leaves fall from a large oak tree onto a quiet path in the park during autumn.
+A boat sails across a blue lake surrounded by pine trees and snowy mountains.
+A street musician plays the guitar on a corner while people walk past and listen.
+Slow motion of a water balloon bursting, droplets spreading in every direction.
+A toy train circles a track on the living room floor next to a decorated tree.
+The camera moves forward through a long hallway with white walls and bright lights.
+An old man feeds pigeons on a bench in a city square on a cold winter morning.
+A butterfly lands on a purple flower, opens its wings and then flies away.
+A kitchen robot stirs soup in a pot, then lifts the spoon and taps it on the edge.
+Two people shake hands in a modern office with large windows and a view of the city.
+A mountain biker rides down a rocky trail, dust rising behind the wheels.
+Ocean waves roll onto a sandy beach, and the foam slides back into the sea.
+A hot air balloon rises above green fields in the early morning mist.
+The view from a car window shows trees and houses passing quickly by.
+A dancer spins on a wooden stage under a single bright spotlight.
+Snow falls on a quiet village street, and warm light shines from every window.
+A hand writes with a pen on white paper, the words appearing line by line.
+A small boat drifts down a canal between old brick buildings in the evening.
+A squirrel climbs a tree trunk, stops, looks around, and runs along a branch.
+A wrist camera shows the gripper approaching a drawer handle and pulling the drawer open.
+From a first-person perspective, two hands fold a shirt on a bed and place it in a pile.
+A third-person view shows a robot pushing a T-shaped block across a table to a target.
+Traffic flows on a highway at dusk, headlights and tail lights forming bright lines.
+A glass of water is filled from a tap, the water level rising until it nearly overflows.
+A golden retriever swims in a lake and carries a stick back to the shore.
+Sunlight shines through tall trees in a misty forest as birds sing in the branches.
+A bakery display shows fresh bread, cakes and pastries under warm yellow lights.
+A child blows out candles on a birthday cake while friends clap and cheer.
+A spaceship flies past a large blue planet with rings, stars shining in the distance.
+Lightning strikes over a dark plain during a summer thunderstorm.
+The camera zooms in on an old clock tower as its hands move toward noon.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 12 16 24 25 30 48 60 64 100 128 256 480 720 1080 1280.
+Punctuation and symbols: ( ) [ ] { } < > . , ; : ! ? ' " - _ / \\ | @ # $ % ^ & * + = ~
+"""
+
+
+def build_tiny_tokenizer():
+    """Train the tiny byte-level BPE tokenizer and wrap it as a `PreTrainedTokenizerFast`.
+
+    Deterministic: the corpus and trainer settings are fixed, so every call gives the same vocabulary.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import BpeTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=TINY_BPE_VOCAB_SIZE,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    lines = [line for line in _CORPUS.splitlines() if line.strip()]
+    tok.train_from_iterator(lines, trainer=trainer, length=len(lines))
+    bpe_size = tok.get_vocab_size(with_added_tokens=False)
+    if bpe_size != TINY_BPE_VOCAB_SIZE:  # the corpus must support the full merge count
+        raise RuntimeError(f"tiny tokenizer: BPE vocab has {bpe_size} tokens, expected {TINY_BPE_VOCAB_SIZE}")
+    tok.add_tokens(
+        [
+            AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
+            for content, special in QWEN_ADDED_TOKENS
+        ]
+    )
+    specials = [content for content, special in QWEN_ADDED_TOKENS if special]
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=[t for t in specials if t not in ("<|im_end|>", "<|endoftext|>")],
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    return fast
+
+
+# ---------------------------------------------------------------------------------------------
+# Components
+# ---------------------------------------------------------------------------------------------
+
+
+def _build_transformer(vocab_size: int, generator: torch.Generator):
+    from diffusers import Cosmos3OmniTransformer
+
+    model = Cosmos3OmniTransformer(**TINY_TRANSFORMER_CONFIG, vocab_size=vocab_size)
+    with torch.no_grad():
+        # DomainAwareLinear keeps its per-domain weights in nn.Embedding, which nn.init makes N(0, 1):
+        # a 64x64 projection with unit-variance weights blows activations up by ~8x per layer.
+        for head in (model.action_proj_in, model.action_proj_out):
+            head.fc.weight.normal_(0.0, 0.02, generator=generator)
+            head.bias.weight.zero_()
+        # Parameters the library initialises to constants (zeros / ones) get a small random offset, so a
+        # loader that silently drops or re-initialises one of them is caught by weight comparisons.
+        model.audio_modality_embed.normal_(0.0, 0.02, generator=generator)
+        model.action_modality_embed.normal_(0.0, 0.02, generator=generator)
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+    return model.eval()
+
+
+def _calibrate_latent_stats(vae, generator: torch.Generator) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of the tiny VAE's raw latents on a fixed smooth synthetic clip.
+
+    The real checkpoint's latents_mean/latents_std make normalized latents roughly zero-mean, unit-variance;
+    computing them the same way here keeps that property (and makes the normalization non-trivial).
+    """
+    t, h, w = 17, 64, 64
+    coarse = torch.rand(1, 3, 5, 8, 8, generator=generator) * 2 - 1
+    clip = torch.nn.functional.interpolate(coarse, size=(t, h, w), mode="trilinear", align_corners=True)
+    clip = (clip + 0.05 * torch.randn(clip.shape, generator=generator)).clamp(-1, 1)
+    with torch.no_grad():
+        mu = vae.encode(clip).latent_dist.mode()  # [1, 48, 5, 4, 4]
+    mean = mu.mean(dim=(0, 2, 3, 4))
+    std = mu.std(dim=(0, 2, 3, 4)).clamp_min(0.05)
+    return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
+
+
+def _build_vae(generator: torch.Generator):
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan(**TINY_VAE_CONFIG, latents_mean=[0.0] * 48, latents_std=[1.0] * 48).eval()
+    mean, std = _calibrate_latent_stats(vae, generator)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    return vae
+
+
+def _build_sound_tokenizer():
+    from diffusers import Cosmos3AVAEAudioTokenizer
+
+    return Cosmos3AVAEAudioTokenizer(**TINY_SOUND_TOKENIZER_CONFIG).eval()
+
+
+def _build_scheduler():
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(**TINY_SCHEDULER_CONFIG)
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """Build the tiny `Cosmos3OmniPipeline` in memory (float32, CPU, deterministic for a given seed)."""
+    import warnings
+
+    from diffusers import Cosmos3OmniPipeline
+
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed + 1)
+        transformer = _build_transformer(len(tokenizer), generator)
+        vae = _build_vae(generator)
+        with warnings.catch_warnings():  # torch.nn.utils.weight_norm deprecation inside diffusers
+            warnings.simplefilter("ignore", FutureWarning)
+            sound_tokenizer = _build_sound_tokenizer()
+    return Cosmos3OmniPipeline(
+        transformer=transformer,
+        text_tokenizer=tokenizer,
+        vae=vae,
+        scheduler=_build_scheduler(),
+        sound_tokenizer=sound_tokenizer,
+        safety_checker=None,
+        enable_safety_checker=False,  # cosmos_guardrail is not a dependency
+        default_use_system_prompt=True,
+        use_native_flow_schedule=False,
+    )
+
+
+def make_tiny(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random-weight Cosmos3-Nano-layout checkpoint to `out_dir` and return its path.
+
+    `out_dir` must not exist, be empty, or hold an earlier checkpoint (a `model_index.json`), which is
+    replaced. Weights are float32 safetensors, initialised from `seed`; the same seed gives identical files.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"make-tiny: {out} exists and is not a directory")
+        if any(out.iterdir()) and not (out / "model_index.json").is_file():
+            raise UserError(f"make-tiny: {out} is not empty and holds no model_index.json; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    pipe = build_tiny_pipeline(seed)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        _normalize_written_files(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _normalize_written_files(root: Path) -> None:
+    """Give the tree ordinary permissions (mkdtemp and safetensors create owner-only entries)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

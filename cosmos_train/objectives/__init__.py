@@ -1,0 +1,13 @@
+"""Training objectives: a decoded sample in, a scalar loss out."""
+
+from __future__ import annotations
+
+from cosmos_train.config.schema import RecipeConfig
+
+
+def build_objective(cfg: RecipeConfig, model, seed: int):
+    if cfg.objective == "generator":
+        from cosmos_train.objectives.generator import GeneratorObjective
+
+        return GeneratorObjective(model, cfg.generator, shift=cfg.flow_shift(), seed=seed)
+    raise ValueError(f"no objective {cfg.objective!r}")

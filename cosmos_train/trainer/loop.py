@@ -1,0 +1,211 @@
+"""The training loop, top to bottom: setup -> data -> trainable weights -> loop -> save.
+
+Runs one process or many (torchrun / accelerate launch) through Accelerate. The generator's
+transformer takes one sample per forward, so a micro-step is `train.batch_size` forwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from cosmos_train.config import RecipeConfig, save_recipe
+from cosmos_train.config.load import recipe_to_yaml
+from cosmos_train.data import GeneratorDataset, SkipCounter, read_manifest
+from cosmos_train.data.sampler import ResumableSampler
+from cosmos_train.errors import BadSampleError, UserError
+from cosmos_train.models import load_model
+from cosmos_train.objectives import build_objective
+from cosmos_train.trainer import checkpoint as ckpt
+from cosmos_train.trainer.adapters import load_trainable_state_dict, setup_trainable, trainable_state_dict
+from cosmos_train.trainer.metrics import MetricsLogger
+from cosmos_train.trainer.optim import build_optimizer
+
+
+def _accelerator(cfg: RecipeConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # lm_head and the understanding pathway's last outputs do not feed the generator loss.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train.method == "full")
+    return Accelerator(cpu=cfg.train.device == "cpu", kwargs_handlers=[ddp])
+
+
+def _prepare_run_dir(cfg: RecipeConfig, resume: bool, is_main: bool) -> Path:
+    run_dir = Path(cfg.output_dir)
+    if is_main:
+        if not resume and ckpt.list_checkpoints(run_dir):
+            raise UserError(
+                f"output_dir {run_dir} already holds checkpoints; pass --resume to continue that run "
+                "or choose another output_dir (nothing is overwritten)"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(cfg, run_dir / "recipe.yaml")
+    return run_dir
+
+
+class _SkipMarking(torch.utils.data.Dataset):
+    """Turns a bad sample into a marker the main process counts (worker processes cannot share a counter)."""
+
+    def __init__(self, dataset, skip_bad: bool):
+        self.dataset, self.skip_bad = dataset, skip_bad
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset.load(index)
+        except BadSampleError as err:
+            if not self.skip_bad:
+                raise
+            return {"skipped": err.reason, "source": self.dataset.records[index].source, "message": str(err)}
+
+
+def train(cfg: RecipeConfig, resume: bool = False) -> Path:
+    # ---- setup ---------------------------------------------------------------------------
+    accelerator = _accelerator(cfg)
+    is_main = accelerator.is_main_process
+    run_dir = _prepare_run_dir(cfg, resume, is_main)
+    accelerator.wait_for_everyone()
+    torch.manual_seed(cfg.train.seed + accelerator.process_index)
+
+    # ---- data (read before the model: bad manifests fail fast) --------------------------------
+    skips = SkipCounter()
+    records = read_manifest(cfg.data.manifest, skip_bad=cfg.data.skip_bad_samples, counter=skips)
+    if not records:
+        raise UserError(f"data.manifest: {cfg.data.manifest} has no usable samples")
+    height, width = cfg.pixel_size()
+    dataset = GeneratorDataset(records, num_frames=cfg.data.num_frames, height=height, width=width,
+                               fps=cfg.data.fps)
+
+    # ---- model and trainable weights --------------------------------------------------------
+    model = load_model(cfg)
+    if cfg.model.gradient_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    params = setup_trainable(model.transformer, cfg.train)
+    model.to(accelerator.device)
+    optimizer, lr_scheduler = build_optimizer(params, cfg.train)
+    objective = build_objective(cfg, model, seed=cfg.train.seed + 1000 * accelerator.process_index)
+
+    step, consumed = 0, 0
+    skipped_sources: set[str] = set()
+    if resume:
+        found = ckpt.list_checkpoints(run_dir)
+        if found:
+            weights, state, torch_state = ckpt.load_checkpoint(found[-1])
+            load_trainable_state_dict(model.transformer, cfg.train.method, weights)
+            optimizer.load_state_dict(torch_state["optimizer"])
+            lr_scheduler.load_state_dict(torch_state["lr_scheduler"])
+            objective.load_state_dict(torch_state["objective"][accelerator.process_index])
+            step, consumed = state["step"], state["samples_consumed"][accelerator.process_index]
+            skips.load_state_dict(state.get("skips", {}))
+            skipped_sources = set(state.get("skipped_sources", []))
+            if is_main:
+                print(f"resuming from {found[-1]} (step {step})")
+
+    # The lr scheduler is not prepared: Accelerate would step it once per process.
+    forward_module, optimizer = accelerator.prepare(model.transformer, optimizer)
+    model.forward_module = forward_module
+    sampler = ResumableSampler(len(dataset), shuffle=cfg.data.shuffle, seed=cfg.train.seed,
+                               rank=accelerator.process_index, world_size=accelerator.num_processes, start=consumed)
+    loader = torch.utils.data.DataLoader(
+        _SkipMarking(dataset, cfg.data.skip_bad_samples), sampler=sampler, batch_size=None, collate_fn=None, num_workers=cfg.data.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    stream = iter(loader)
+
+    metrics = MetricsLogger(run_dir, cfg.logging, json.loads(json.dumps(_plain(cfg))), enabled=is_main)
+    micro_steps = cfg.train.batch_size * cfg.train.grad_accum_steps
+
+    # ---- loop ----------------------------------------------------------------------------------
+    model.transformer.train()
+    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    first_loss = None
+    while step < cfg.train.max_steps:
+        t0 = time.perf_counter()
+        total_loss, used, modes = 0.0, 0, {}
+        while used < micro_steps:
+            sample = next(stream)
+            consumed += 1
+            if "skipped" in sample:
+                if sample["source"] not in skipped_sources:  # count each bad sample once, not once per epoch
+                    skipped_sources.add(sample["source"])
+                    skips.add(sample["skipped"], sample["source"], sample["message"])
+                if len(skipped_sources) >= len(dataset):
+                    raise UserError(f"every sample in {cfg.data.manifest} is unusable:\n{skips.summary()}")
+                continue
+            sync = used == micro_steps - 1
+            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(forward_module)
+            with ctx:
+                loss, info = objective.loss(sample)
+                accelerator.backward(loss / micro_steps)
+            total_loss += float(loss.detach())
+            modes[info.mode] = modes.get(info.mode, 0) + 1
+            used += 1
+        grad_norm = None
+        if cfg.train.max_grad_norm > 0:
+            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        mean_loss = total_loss / micro_steps
+        if not math.isfinite(mean_loss):
+            raise RuntimeError(f"loss is {mean_loss} at step {step}; lower train.lr or check the data")
+        first_loss = mean_loss if first_loss is None else first_loss
+        dt = time.perf_counter() - t0
+        lr = lr_scheduler.get_last_lr()[0]
+        metrics.log(step, {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
+                           "samples_per_s": micro_steps * accelerator.num_processes / dt, "modes": modes})
+        if step % cfg.train.log_every == 0 or step == 1:
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", it_s=f"{1 / dt:.1f}")
+        bar.update(1)
+
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+            _save(accelerator, run_dir, step, model, cfg, optimizer, lr_scheduler, objective, consumed,
+                  {"skips": skips.state_dict(), "skipped_sources": sorted(skipped_sources)})
+    bar.close()
+    metrics.close()
+
+    # ---- summary -------------------------------------------------------------------------------
+    if is_main:
+        summary = {"steps": step, "first_loss": first_loss, "final_checkpoint": str(ckpt.list_checkpoints(run_dir)[-1]),
+                   "skipped": skips.by_reason}
+        (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        if skips.total:
+            print(skips.summary())
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def _save(accelerator, run_dir, step, model, cfg, optimizer, lr_scheduler, objective, consumed, data_state) -> None:
+    consumed_all = accelerator.gather_for_metrics(torch.tensor([consumed], device=accelerator.device)).tolist()
+    objective_states = [objective.state_dict()]
+    if accelerator.num_processes > 1:
+        gathered = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(gathered, objective.state_dict())
+        objective_states = gathered
+    if accelerator.is_main_process:
+        ckpt.save_checkpoint(
+            run_dir, step, trainable_state_dict(model.transformer, cfg.train.method),
+            extra_state={"samples_consumed": consumed_all, "method": cfg.train.method, **data_state},
+            torch_state={"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                         "objective": objective_states},
+            keep=cfg.train.keep_checkpoints,
+        )
+    accelerator.wait_for_everyone()
+
+
+def _plain(cfg: RecipeConfig) -> dict:
+    import yaml
+
+    return yaml.safe_load(recipe_to_yaml(cfg))

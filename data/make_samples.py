@@ -1,0 +1,323 @@
+#!/usr/bin/env python
+"""Generate the small bundled sample data set (clips, images and manifest.jsonl).
+
+Usage::
+
+    python data/make_samples.py [OUT_DIR]      # default: data/samples next to this script
+
+Every scene is drawn with numpy from fixed parameters (random jitter comes from fixed seeds), so
+re-running gives the same pixels. Clips are H.264 (libx264, yuv420p, 24 fps, single-threaded
+encoder so the bitstream is reproducible with the same FFmpeg/x264 build); images are PNG.
+Each caption says what moves and in which direction, so a finetune has a learnable signal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable
+
+import av
+import numpy as np
+from PIL import Image
+
+FPS = 24
+
+# --------------------------------------------------------------------------------------------
+# drawing helpers (float RGB canvases in [0, 1], anti-aliased shapes via signed distances)
+# --------------------------------------------------------------------------------------------
+
+
+def _canvas(height: int, width: int, color: tuple[float, float, float]) -> np.ndarray:
+    img = np.empty((height, width, 3), dtype=np.float32)
+    img[:] = np.asarray(color, dtype=np.float32)
+    return img
+
+
+def _grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    return ys + 0.5, xs + 0.5
+
+
+def _blend(img: np.ndarray, coverage: np.ndarray, color: tuple[float, float, float]) -> None:
+    a = np.clip(coverage, 0.0, 1.0)[..., None]
+    img[:] = img * (1.0 - a) + np.asarray(color, dtype=np.float32) * a
+
+
+def _circle(img, cy, cx, r, color):
+    ys, xs = _grid(*img.shape[:2])
+    dist = np.sqrt((ys - cy) ** 2 + (xs - cx) ** 2)
+    _blend(img, r - dist + 0.5, color)
+
+
+def _box(img, cy, cx, half_h, half_w, color, angle=0.0):
+    """Filled rectangle centred at (cy, cx), rotated by `angle` radians (counter-clockwise on screen)."""
+    ys, xs = _grid(*img.shape[:2])
+    dy, dx = ys - cy, xs - cx
+    c, s = math.cos(angle), math.sin(angle)
+    u = dx * c - dy * s  # along the box's width axis
+    v = dx * s + dy * c  # along the box's height axis
+    cov_u = np.clip(half_w - np.abs(u) + 0.5, 0, 1)
+    cov_v = np.clip(half_h - np.abs(v) + 0.5, 0, 1)
+    _blend(img, cov_u * cov_v, color)
+
+
+def _triangle(img, cy, cx, size, color):
+    """Upward-pointing equilateral-ish triangle centred at (cy, cx)."""
+    ys, xs = _grid(*img.shape[:2])
+    top = (cy - size, cx)
+    left = (cy + size * 0.6, cx - size)
+    right = (cy + size * 0.6, cx + size)
+
+    def edge(p, q):  # signed distance to line p->q, positive inside (clockwise winding on screen)
+        (py, px), (qy, qx) = p, q
+        ny, nx = qx - px, -(qy - py)
+        norm = math.hypot(ny, nx)
+        return ((ys - py) * ny + (xs - px) * nx) / norm
+
+    d = np.minimum(np.minimum(edge(top, right), edge(right, left)), edge(left, top))
+    _blend(img, d + 0.5, color)
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# scenes
+# --------------------------------------------------------------------------------------------
+
+DARK_BLUE = (0.05, 0.08, 0.30)
+RED = (0.90, 0.10, 0.10)
+GREEN = (0.10, 0.80, 0.20)
+YELLOW = (0.98, 0.85, 0.10)
+WHITE = (0.95, 0.95, 0.95)
+SKY = (0.55, 0.75, 0.95)
+GROUND = (0.35, 0.55, 0.25)
+ORANGE = (1.00, 0.55, 0.05)
+TEAL = (0.05, 0.45, 0.45)
+MAGENTA = (0.85, 0.15, 0.75)
+LIGHT_GRAY = (0.80, 0.80, 0.80)
+CHARCOAL = (0.12, 0.12, 0.14)
+
+
+def red_circle(t: int, n: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    img = _canvas(h, w, DARK_BLUE)
+    r = 28.0
+    cx = r + 8 + (w - 2 * r - 16) * t / (n - 1)
+    _circle(img, h / 2, cx, r, RED)
+    return img
+
+
+def green_square(t, n, h, w, rng):
+    img = _canvas(h, w, CHARCOAL)
+    half = 26.0
+    cy = half + 8 + (h - 2 * half - 16) * t / (n - 1)
+    _box(img, cy, w / 2, half, half, GREEN)
+    return img
+
+
+def yellow_ball_bounce(t, n, h, w, rng):
+    img = _canvas(h, w, SKY)
+    floor_y = h - 32
+    img[floor_y:] = np.asarray(GROUND, dtype=np.float32)
+    r = 18.0
+    # two full bounces: |cos| gives a ball falling to the floor and rising again
+    phase = t / (n - 1) * 2.0 * math.pi
+    height_above = (h * 0.55) * abs(math.cos(phase))
+    cy = floor_y - r - height_above
+    cx = w / 2 - 56 + 112 * t / (n - 1)  # stays inside a centre square crop
+    _circle(img, cy, cx, r, YELLOW)
+    return img
+
+
+def white_bar_rotating(t, n, h, w, rng):
+    img = _canvas(h, w, (0.0, 0.0, 0.0))
+    # clockwise on screen = decreasing angle in our (y-down) convention
+    angle = -math.pi * t / (n - 1)
+    _box(img, h / 2, w / 2, 8.0, h * 0.38, WHITE, angle=angle)
+    return img
+
+
+def orange_square_growing(t, n, h, w, rng):
+    img = _canvas(h, w, TEAL)
+    half = 10.0 + (h * 0.42 - 10.0) * t / (n - 1)
+    _box(img, h / 2, w / 2, half, half, ORANGE)
+    return img
+
+
+def magenta_triangle_diagonal(t, n, h, w, rng):
+    img = _canvas(h, w, LIGHT_GRAY)
+    size = 22.0
+    s = t / (n - 1)
+    cx = 36 + (w - 72) * s
+    cy = (h - 36) - (h - 72) * s
+    _triangle(img, cy, cx, size, MAGENTA)
+    return img
+
+
+def still_red_circle(h, w, rng):
+    img = _canvas(h, w, DARK_BLUE)
+    _circle(img, h / 2, w / 2, 40.0, RED)
+    return img
+
+
+def still_green_square_corner(h, w, rng):
+    img = _canvas(h, w, CHARCOAL)
+    _box(img, 48, 48, 30, 30, GREEN)
+    return img
+
+
+def still_sun_over_field(h, w, rng):
+    img = _canvas(h, w, SKY)
+    img[int(h * 0.62):] = np.asarray(GROUND, dtype=np.float32)
+    _circle(img, h * 0.28, w * 0.5, 26.0, YELLOW)
+    # a few fixed-seed tufts of darker grass so the field is not flat
+    for _ in range(12):
+        y = rng.uniform(h * 0.68, h - 8)
+        x = rng.uniform(8, w - 8)
+        _box(img, y, x, 4.0, 1.5, (0.22, 0.40, 0.15))
+    return img
+
+
+@dataclass(frozen=True)
+class Clip:
+    name: str
+    draw: Callable[..., np.ndarray]
+    height: int
+    width: int
+    frames: int
+    caption: str
+    seed: int
+    start_frame: int | None = None
+    end_frame: int | None = None
+
+
+@dataclass(frozen=True)
+class Still:
+    name: str
+    draw: Callable[..., np.ndarray]
+    height: int
+    width: int
+    caption: str
+    seed: int
+
+
+CLIPS = [
+    Clip("red_circle", red_circle, 256, 256, 33,
+         "A red circle moves from left to right across a dark blue background.", seed=1),
+    Clip("green_square", green_square, 256, 256, 33,
+         "A green square moves down from the top to the bottom of a dark gray background.", seed=2),
+    Clip("yellow_ball_bounce", yellow_ball_bounce, 192, 320, 33,
+         "A yellow ball bounces twice on green grass under a light blue sky while drifting to the right.",
+         seed=3),
+    Clip("white_bar_rotating", white_bar_rotating, 256, 256, 33,
+         "A white bar rotates clockwise around the center of a black background.", seed=4),
+    Clip("orange_square_growing", orange_square_growing, 192, 320, 33,
+         "An orange square grows larger in the center of a teal background.", seed=5),
+    # 41 frames on disk, the manifest uses the window [4, 37) -> 33 frames
+    Clip("magenta_triangle_diagonal", magenta_triangle_diagonal, 256, 256, 41,
+         "A magenta triangle moves diagonally from the bottom left to the top right of a light gray background.",
+         seed=6, start_frame=4, end_frame=37),
+]
+
+STILLS = [
+    Still("red_circle_still", still_red_circle, 256, 256,
+          "A red circle in the center of a dark blue background.", seed=11),
+    Still("green_square_corner", still_green_square_corner, 256, 256,
+          "A green square in the top left corner of a dark gray background.", seed=12),
+    Still("sun_over_field", still_sun_over_field, 192, 320,
+          "A yellow sun in a light blue sky above a green grassy field.", seed=13),
+]
+
+
+def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """uint8 HxWx3 RGB -> planar yuv420p (BT.601, limited range) as the (H*3/2, W) array PyAV expects.
+
+    Done in numpy instead of letting swscale convert, because swscale's SIMD paths made the
+    encoded bytes depend on buffer alignment (i.e. differ from run to run).
+    """
+    h, w = rgb.shape[:2]
+    x = rgb.astype(np.float64) / 255.0
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = 16.0 + 65.481 * r + 128.553 * g + 24.966 * b
+    cb = 128.0 - 37.797 * r - 74.203 * g + 112.0 * b
+    cr = 128.0 + 112.0 * r - 93.786 * g - 18.214 * b
+
+    def sub(c):  # 2x2 box average (H and W are even)
+        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+    planes = [y.reshape(-1), sub(cb).reshape(-1), sub(cr).reshape(-1)]
+    out = np.clip(np.round(np.concatenate(planes)), 0, 255).astype(np.uint8)
+    return out.reshape(h * 3 // 2, w)
+
+
+def write_mp4(path: Path, frames: list[np.ndarray], fps: int = FPS) -> None:
+    """Write uint8 HxWx3 RGB frames as H.264 / yuv420p MP4, reproducibly (single-threaded x264)."""
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps, 1))
+        stream.width = width
+        stream.height = height
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1
+        stream.options = {"crf": "20", "preset": "medium", "threads": "1"}
+        for arr in frames:
+            frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(arr), format="yuv420p")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def make_samples(out_dir: Path) -> list[dict]:
+    out_dir = Path(out_dir)
+    (out_dir / "clips").mkdir(parents=True, exist_ok=True)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    for clip in CLIPS:
+        rng = np.random.default_rng(clip.seed)
+        frames = [_to_uint8(clip.draw(t, clip.frames, clip.height, clip.width, rng)) for t in range(clip.frames)]
+        rel = f"clips/{clip.name}.mp4"
+        write_mp4(out_dir / rel, frames)
+        rec: dict = {"path": rel, "caption": clip.caption, "fps": FPS}
+        if clip.start_frame is not None:
+            rec["start_frame"] = clip.start_frame
+        if clip.end_frame is not None:
+            rec["end_frame"] = clip.end_frame
+        records.append(rec)
+    for still in STILLS:
+        rng = np.random.default_rng(still.seed)
+        rel = f"images/{still.name}.png"
+        Image.fromarray(_to_uint8(still.draw(still.height, still.width, rng)), mode="RGB").save(
+            out_dir / rel, optimize=True
+        )
+        records.append({"path": rel, "caption": still.caption})
+    with open(out_dir / "manifest.jsonl", "w", encoding="utf-8", newline="\n") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) > 1 or (argv and argv[0] in ("-h", "--help")):
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    out_dir = Path(argv[0]) if argv else Path(__file__).resolve().parent / "samples"
+    records = make_samples(out_dir)
+    total = 0
+    for rec in records:
+        size = (out_dir / rec["path"]).stat().st_size
+        total += size
+        print(f"{size:8d}  {rec['path']}")
+    print(f"{total:8d}  total ({len(records)} samples) -> {out_dir / 'manifest.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""The tiny random-weight checkpoint: real diffusers/transformers classes, Cosmos3-Nano layout, offline."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cosmos_train.errors import UserError
+from cosmos_train.models.tiny import QWEN_ADDED_TOKENS, TINY_BPE_VOCAB_SIZE, make_tiny
+
+WEIGHT_FILES = [
+    "transformer/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "sound_tokenizer/diffusion_pytorch_model.safetensors",
+]
+PROMPT = "A red car drives along a winding coastal road at sunset."
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir):
+    from diffusers import Cosmos3OmniPipeline
+
+    return Cosmos3OmniPipeline.from_pretrained(tiny_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout
+# ----------------------------------------------------------------------------------------------
+
+
+def test_layout_and_model_index(tiny_dir):
+    for rel in [
+        "model_index.json",
+        "transformer/config.json",
+        "vae/config.json",
+        "sound_tokenizer/config.json",
+        "scheduler/scheduler_config.json",
+        "text_tokenizer/tokenizer.json",
+        "text_tokenizer/tokenizer_config.json",
+        *WEIGHT_FILES,
+    ]:
+        assert (tiny_dir / rel).is_file(), rel
+    # safetensors only
+    assert not list(tiny_dir.rglob("*.bin")) and not list(tiny_dir.rglob("*.pt"))
+
+    index = json.loads((tiny_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "Cosmos3OmniPipeline"
+    assert index["transformer"] == ["diffusers", "Cosmos3OmniTransformer"]
+    assert index["vae"] == ["diffusers", "AutoencoderKLWan"]
+    assert index["scheduler"] == ["diffusers", "UniPCMultistepScheduler"]
+    assert index["sound_tokenizer"] == ["diffusers", "Cosmos3AVAEAudioTokenizer"]
+    assert index["text_tokenizer"][0] == "transformers"
+    assert index["enable_safety_checker"] is False
+    assert index.get("safety_checker", [None, None]) == [None, None]
+
+
+def test_weights_are_float32_and_loaded_exactly(tiny_dir, pipe):
+    from safetensors.torch import load_file
+
+    for rel in WEIGHT_FILES:
+        saved = load_file(tiny_dir / rel)
+        module = getattr(pipe, rel.split("/")[0])
+        loaded = module.state_dict()
+        assert set(saved) == set(loaded), rel
+        for key, tensor in saved.items():
+            assert tensor.dtype == torch.float32, (rel, key)
+            assert torch.equal(tensor, loaded[key]), (rel, key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation through the real pipeline
+# ----------------------------------------------------------------------------------------------
+
+
+def _generate(pipe, **kwargs):
+    return pipe(
+        PROMPT,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    )
+
+
+def test_t2v_generates_finite_video(pipe):
+    out = _generate(pipe, num_frames=9)
+    video = out.video
+    assert video.shape == (9, 64, 64, 3)
+    assert np.isfinite(video).all()
+    assert video.min() >= 0.0 and video.max() <= 1.0
+    assert video.std() > 1e-3  # not a constant frame
+    assert out.sound is None
+
+
+def test_t2v_is_reproducible_with_the_same_generator(pipe):
+    a = _generate(pipe, num_frames=5).video
+    b = _generate(pipe, num_frames=5).video
+    assert np.array_equal(a, b)
+
+
+def test_t2i_generates_one_frame(pipe):
+    out = _generate(pipe, num_frames=1)
+    assert out.video.shape == (1, 64, 64, 3)
+    assert np.isfinite(out.video).all()
+    assert out.video.std() > 1e-3
+
+
+def test_t2v_with_sound(pipe):
+    out = _generate(pipe, num_frames=9, enable_sound=True)
+    assert out.video.shape == (9, 64, 64, 3)
+    # 9 frames at 24 fps = 0.375 s of 48 kHz audio -> ceil(18000 / 1920) = 10 latent steps of 1920 samples
+    hop = pipe.sound_tokenizer._hop_size
+    assert hop == 1920 and pipe.sound_tokenizer.config.sampling_rate / hop == 25.0
+    assert tuple(out.sound.shape) == (2, math.ceil(18000 / hop) * hop)
+    assert torch.isfinite(out.sound).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_loads_offline_and_keeps_special_tokens_whole(tiny_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = AutoTokenizer.from_pretrained(tiny_dir / "text_tokenizer")
+    assert len(tok) == TINY_BPE_VOCAB_SIZE + len(QWEN_ADDED_TOKENS)
+    for offset, (content, _special) in enumerate(QWEN_ADDED_TOKENS):
+        ids = tok(f"hello {content} world", add_special_tokens=False)["input_ids"]
+        expected_id = TINY_BPE_VOCAB_SIZE + offset  # Qwen order: <|endoftext|> first, like 151643
+        assert expected_id in ids and ids.count(expected_id) == 1, content
+        assert tok.convert_ids_to_tokens(expected_id) == content
+        assert tok.decode(ids) == f"hello {content} world"
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == TINY_BPE_VOCAB_SIZE + 2
+    assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id == TINY_BPE_VOCAB_SIZE
+    text = "Ünïcode, digits 1280x720 and   spaces\n"
+    assert tok.decode(tok(text)["input_ids"]) == text  # byte-level: lossless
+
+
+def test_chat_template_is_chatml(pipe):
+    tok = pipe.text_tokenizer
+    messages = [{"role": "system", "content": "S."}, {"role": "user", "content": "U."}]
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, add_vision_id=False)
+    assert rendered == "<|im_start|>system\nS.<|im_end|>\n<|im_start|>user\nU.<|im_end|>\n<|im_start|>assistant\n"
+    no_prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    assert no_prompt.endswith("U.<|im_end|>\n")
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}]
+    assert tok.apply_chat_template(parts, tokenize=False, add_vision_id=True) == (
+        "<|im_start|>user\nPicture 1: <|vision_start|><|image_pad|><|vision_end|>Q<|im_end|>\n"
+    )
+
+
+def test_tokenize_prompt_ends_with_eos_then_vision_start(pipe):
+    tok = pipe.text_tokenizer
+    vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
+    assert vision_start == TINY_BPE_VOCAB_SIZE + 9
+    cond, uncond = pipe.tokenize_prompt(PROMPT, num_frames=9, height=64, width=64, fps=24.0)
+    for ids in (cond, uncond):
+        assert ids[-2:] == [tok.eos_token_id, vision_start]
+        assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
+        assert max(ids) < pipe.transformer.config.vocab_size
+    text = tok.decode(cond)
+    assert "You are a helpful assistant who will generate videos from a give prompt." in text
+    assert "The video is 0.4 seconds long and is of 24 FPS. This video is of 64x64 resolution." in text
+    assert text.endswith("<|im_start|>assistant\n<|im_end|><|vision_start|>")
+    assert "is not of 64x64" in tok.decode(uncond)
+
+
+# ----------------------------------------------------------------------------------------------
+# Determinism, size, configuration
+# ----------------------------------------------------------------------------------------------
+
+
+def test_same_seed_writes_identical_files(tiny_dir, tmp_path):
+    rng_before = torch.get_rng_state()
+    again = make_tiny(tmp_path / "again", seed=0)
+    assert torch.equal(rng_before, torch.get_rng_state())  # the caller's global RNG is left alone
+    files = sorted(p.relative_to(tiny_dir) for p in tiny_dir.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for rel in files:
+        assert (tiny_dir / rel).read_bytes() == (again / rel).read_bytes(), rel
+    # rewriting over an existing checkpoint works
+    assert make_tiny(again, seed=0) == again
+
+
+def test_other_seed_gives_other_weights(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    other = make_tiny(tmp_path / "other", seed=1)
+    a = load_file(tiny_dir / WEIGHT_FILES[0])
+    b = load_file(other / WEIGHT_FILES[0])
+    assert not torch.equal(a["proj_in.weight"], b["proj_in.weight"])
+    assert (tiny_dir / "text_tokenizer/tokenizer.json").read_bytes() == (
+        other / "text_tokenizer/tokenizer.json"
+    ).read_bytes()
+
+
+def test_refuses_to_overwrite_unrelated_directory(tmp_path):
+    target = tmp_path / "busy"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not empty"):
+        make_tiny(target)
+    assert (target / "notes.txt").read_text() == "keep me"
+
+
+def test_transformer_is_tiny_and_configured_like_nano(pipe):
+    tr = pipe.transformer
+    cfg = tr.config
+    n_params = sum(p.numel() for p in tr.parameters())
+    assert 100_000 < n_params < 10_000_000
+    assert cfg.vocab_size == len(pipe.text_tokenizer)
+    assert cfg.sound_gen and cfg.sound_dim == pipe.sound_tokenizer.config.vocoder_input_dim
+    assert cfg.action_gen and cfg.action_dim >= 57  # widest embodiment (hand_pose)
+    assert cfg.enable_fps_modulation
+    assert cfg.patch_latent_dim == cfg.latent_channel * cfg.latent_patch_size**2
+    assert cfg.latent_channel == pipe.vae.config.z_dim
+    assert cfg.num_attention_heads * cfg.head_dim == cfg.hidden_size
+    assert sum(cfg.rope_axes_dim) == cfg.head_dim // 2
+    # interleaved mRoPE: every rotary frequency index goes to exactly one of T/H/W, with H and W
+    # getting rope_axes_dim[1] and rope_axes_dim[2] of them
+    rot = tr.rotary_emb
+    freqs = torch.stack([torch.full((1, 1, cfg.head_dim // 2), float(axis)) for axis in range(3)])
+    owner = rot.apply_interleaved_mrope(freqs.clone(), cfg.rope_axes_dim)[0, 0]
+    assert [(owner == axis).sum().item() for axis in range(3)] == list(cfg.rope_axes_dim)
+    # DomainAwareLinear heads are scaled down from nn.Embedding's N(0, 1)
+    for head in (tr.action_proj_in, tr.action_proj_out):
+        assert head.fc.weight.std().item() < 0.05
+    x = torch.randn(6, cfg.hidden_size)
+    y = tr.action_proj_out(x, torch.full((6,), 7))
+    assert y.shape == (6, cfg.action_dim) and y.abs().max().item() < 5.0
+
+
+def test_bf16_load_keeps_time_embedder_fp32(tiny_dir):
+    from diffusers import Cosmos3OmniTransformer
+
+    tr = Cosmos3OmniTransformer.from_pretrained(tiny_dir / "transformer", torch_dtype=torch.bfloat16)
+    assert tr.proj_in.weight.dtype == torch.bfloat16
+    assert tr.time_embedder.linear_1.weight.dtype == torch.float32
+
+
+def test_vae_shapes_and_normalization(pipe):
+    vae = pipe.vae
+    cfg = vae.config
+    assert (cfg.z_dim, cfg.is_residual, cfg.in_channels, cfg.out_channels, cfg.patch_size) == (48, True, 12, 12, 2)
+    assert (cfg.scale_factor_spatial, cfg.scale_factor_temporal) == (16, 4)
+    assert len(cfg.latents_mean) == len(cfg.latents_std) == 48
+    assert any(abs(m) > 1e-3 for m in cfg.latents_mean)
+    assert any(abs(s - 1.0) > 1e-2 for s in cfg.latents_std) and min(cfg.latents_std) > 0
+
+    clip = torch.rand(1, 3, 17, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        raw = vae.encode(clip).latent_dist.mode()
+        assert tuple(raw.shape) == (1, 48, 5, 4, 4)
+        decoded = vae.decode(raw).sample
+        assert tuple(decoded.shape) == (1, 3, 17, 64, 64)
+        normalized = pipe._encode_video(clip)
+    mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(normalized, (raw - mean) / std)
+    # the stats were calibrated on this VAE, so normalized latents are O(1), not O(0.1)
+    assert 0.3 < normalized.std().item() < 3.0
+
+
+def test_scheduler_is_flow_unipc(pipe):
+    from diffusers import UniPCMultistepScheduler
+
+    sched = pipe.scheduler
+    assert isinstance(sched, UniPCMultistepScheduler)
+    assert sched.config.prediction_type == "flow_prediction"
+    assert sched.config.use_flow_sigmas is True
+    assert sched.config.flow_shift > 1.0
+    sched.set_timesteps(4)
+    sigmas = sched.sigmas.tolist()
+    assert sigmas[0] > 0.95 and sigmas[-1] == 0.0
+    assert all(a > b for a, b in zip(sigmas, sigmas[1:]))
