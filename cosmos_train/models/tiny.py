@@ -35,18 +35,20 @@ from cosmos_train.errors import UserError
 # ---------------------------------------------------------------------------------------------
 
 TINY_TRANSFORMER_CONFIG: dict = {
-    "hidden_size": 64,
+    # hidden_size >= patch_latent_dim (192): a narrower model cannot carry the noisy latent through
+    # proj_in, so it could never learn to denoise (its loss floors near 2/3 of the noise variance).
+    "hidden_size": 256,
     "num_hidden_layers": 2,
-    "head_dim": 16,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
+    "head_dim": 32,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "intermediate_size": 512,
     "latent_channel": 48,
     "latent_patch_size": 2,
     "patch_latent_dim": 192,  # latent_channel * latent_patch_size**2
-    # head_dim // 2 == 8 rotary frequencies, interleaved T/H/W like Nano's [24, 20, 20] of 64:
-    # H takes indices 1, 4 and W takes 2, 5; T keeps 0, 3, 6, 7.
-    "rope_axes_dim": [4, 2, 2],
+    # head_dim // 2 == 16 rotary frequencies, interleaved T/H/W like Nano's [24, 20, 20] of 64:
+    # H takes indices 1, 4, ..., 13 and W takes 2, 5, ..., 14; T keeps the other 6.
+    "rope_axes_dim": [6, 5, 5],
     "rope_theta": 5000000.0,
     "enable_fps_modulation": True,
     "base_fps": 24,
@@ -334,6 +336,14 @@ def _build_transformer(vocab_size: int, generator: torch.Generator):
             head.bias.weight.zero_()
         # Parameters the library initialises to constants (zeros / ones) get a small random offset, so a
         # loader that silently drops or re-initialises one of them is caught by weight comparisons.
+        # A trained Cosmos 3 passes the noisy latent through proj_in -> residual stream -> proj_out; a random
+        # one has no such path, and low-rank adapters cannot build a full-rank one. Starting proj_out as
+        # proj_in's pseudo-inverse gives the tiny model that path, so LoRA on it behaves like LoRA on a
+        # pretrained model (it adapts, rather than having to learn the identity from scratch).
+        w_in = model.proj_in.weight  # [hidden, patch_latent_dim]
+        rms = (w_in.pow(2).sum(dim=1).mean()).sqrt()  # typical per-unit gain of proj_in on a unit-variance latent
+        model.proj_out.weight.copy_(torch.linalg.pinv(w_in) * rms)
+        model.proj_out.bias.zero_()
         model.audio_modality_embed.normal_(0.0, 0.02, generator=generator)
         model.action_modality_embed.normal_(0.0, 0.02, generator=generator)
         for name, param in model.named_parameters():
