@@ -53,6 +53,22 @@ def _compare(reference: torch.Tensor, exported: torch.Tensor, dtype: torch.dtype
     return rel
 
 
+def save_diffusers_lora(transformer, path: Path) -> None:
+    """The adapter as diffusers LoRA files are laid out: keys under `transformer.`, the LoRA config (rank,
+    alpha, targets) in the safetensors metadata, so `load_lora_adapter(dir, weight_name=...)` rebuilds it."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+    weights = {f"transformer.{k}": v.detach().float().cpu().contiguous() for k, v in state.items()}
+    config = {k: sorted(v) if isinstance(v, set) else v
+              for k, v in transformer.peft_config[ADAPTER_NAME].to_dict().items()}
+    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(
+        {f"transformer.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)}
+    save_file(weights, str(path), metadata=metadata)
+
+
 def _source_dir(pretrained: str, cfg) -> Path:
     path = Path(resolve_pretrained(pretrained))
     if path.is_dir():
@@ -87,7 +103,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         if lora_only:
-            trained.transformer.save_lora_adapter(str(tmp), adapter_name=ADAPTER_NAME, weight_name=LORA_WEIGHT_NAME)
+            save_diffusers_lora(trained.transformer, tmp / LORA_WEIGHT_NAME)
             fresh = load_model(cfg)
             fresh.transformer.load_lora_adapter(str(tmp), weight_name=LORA_WEIGHT_NAME, adapter_name=ADAPTER_NAME)
             rel = _compare(reference, _predict(fresh), dtype, "base model + exported LoRA adapter")
@@ -96,7 +112,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
             if cfg.train.method == "lora":
                 transformer.fuse_lora(adapter_names=[ADAPTER_NAME])
                 transformer.unload_lora()
-            transformer.to(dtype)  # fp32 trainable weights go back to the checkpoint's dtype
+            # fp32 trainable weights go back to the checkpoint's dtype (time_embedder stays fp32, as diffusers keeps it)
+            for name, param in transformer.named_parameters():
+                if param.dtype != dtype and not name.startswith("time_embedder."):
+                    param.data = param.data.to(dtype)
             source = _source_dir(cfg.model.pretrained, cfg)
             for item in source.iterdir():
                 if item.name in ("transformer",) or item.name.startswith("."):
