@@ -34,7 +34,7 @@ def _train_steps(cfg, steps):
     h, w = cfg.pixel_size()
     dataset = GeneratorDataset(read_manifest(cfg.data.manifest), cfg.data.num_frames, h, w, fps=cfg.data.fps)
     for i in range(steps):
-        loss, _ = objective.loss(dataset[i])
+        loss, _ = objective.loss([objective.draw(objective.encode(dataset[i]))])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

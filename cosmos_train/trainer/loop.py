@@ -128,27 +128,34 @@ def train(cfg: RecipeConfig, resume: bool = False) -> Path:
     model.transformer.train()
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     first_loss = None
-    while step < cfg.train.max_steps:
-        t0 = time.perf_counter()
-        total_loss, used, modes = 0.0, 0, {}
-        while used < micro_steps:
+    def next_good_sample():
+        nonlocal consumed
+        while True:
             sample = next(stream)
             consumed += 1
-            if "skipped" in sample:
-                if sample["source"] not in skipped_sources:  # count each bad sample once, not once per epoch
-                    skipped_sources.add(sample["source"])
-                    skips.add(sample["skipped"], sample["source"], sample["message"])
-                if len(skipped_sources) >= len(dataset):
-                    raise UserError(f"every sample in {cfg.data.manifest} is unusable:\n{skips.summary()}")
-                continue
-            sync = used == micro_steps - 1
-            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(forward_module)
+            if "skipped" not in sample:
+                return sample
+            if sample["source"] not in skipped_sources:  # count each bad sample once, not once per epoch
+                skipped_sources.add(sample["source"])
+                skips.add(sample["skipped"], sample["source"], sample["message"])
+            if len(skipped_sources) >= len(dataset):
+                raise UserError(f"every sample in {cfg.data.manifest} is unusable:\n{skips.summary()}")
+
+    accum = cfg.train.grad_accum_steps
+    while step < cfg.train.max_steps:
+        t0 = time.perf_counter()
+        total_loss, modes, data_time = 0.0, {}, 0.0
+        for micro in range(accum):
+            t_data = time.perf_counter()
+            batch = [objective.draw(objective.encode(next_good_sample())) for _ in range(cfg.train.batch_size)]
+            data_time += time.perf_counter() - t_data
+            ctx = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(forward_module)
             with ctx:
-                loss, info = objective.loss(sample)
-                accelerator.backward(loss / micro_steps)
+                loss, info = objective.loss(batch)
+                accelerator.backward(loss / accum)
             total_loss += float(loss.detach())
-            modes[info.mode] = modes.get(info.mode, 0) + 1
-            used += 1
+            for mode, n in info.modes.items():
+                modes[mode] = modes.get(mode, 0) + n
         grad_norm = None
         if cfg.train.max_grad_norm > 0:
             grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
@@ -157,14 +164,15 @@ def train(cfg: RecipeConfig, resume: bool = False) -> Path:
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        mean_loss = total_loss / micro_steps
+        mean_loss = total_loss / accum
         if not math.isfinite(mean_loss):
             raise RuntimeError(f"loss is {mean_loss} at step {step}; lower train.lr or check the data")
         first_loss = mean_loss if first_loss is None else first_loss
         dt = time.perf_counter() - t0
         lr = lr_scheduler.get_last_lr()[0]
         metrics.log(step, {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
-                           "samples_per_s": micro_steps * accelerator.num_processes / dt, "modes": modes})
+                           "samples_per_s": micro_steps * accelerator.num_processes / dt, "data_time_s": data_time,
+                           "modes": modes})
         if step % cfg.train.log_every == 0 or step == 1:
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", it_s=f"{1 / dt:.1f}")
         bar.update(1)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Train a recipe across several machines: run this same command once on every node.
+#
+#   MASTER_ADDR=node0 MASTER_PORT=29500 NNODES=2 NODE_RANK=0 launch/multinode.sh RECIPE [NPROC_PER_NODE] [key.path=value ...]
+#   MASTER_ADDR=node0 MASTER_PORT=29500 NNODES=2 NODE_RANK=1 launch/multinode.sh RECIPE [NPROC_PER_NODE] [key.path=value ...]
+#
+# MASTER_ADDR: host name or IP of node 0, reachable from every node; MASTER_PORT: a free TCP port
+# there (default 29500); NNODES / NODE_RANK default to SLURM_NNODES / SLURM_NODEID under srun.
+# NPROC_PER_NODE defaults to the GPUs nvidia-smi lists, else 1.
+# output_dir must be on a filesystem every node sees: rank 0 writes the checkpoints and --resume
+# reads them on every node. Use the same recipe, overrides and code on all nodes.
+set -euo pipefail
+
+if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
+    sed -n '2,11s/^# \{0,1\}//p' "$0"
+    exit 2
+fi
+: "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
+MASTER_PORT=${MASTER_PORT:-29500}
+NNODES=${NNODES:-${SLURM_NNODES:-}}
+NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-}}
+if [[ -z $NNODES || -z $NODE_RANK ]]; then
+    echo "multinode.sh: set NNODES (number of nodes) and NODE_RANK (0 .. NNODES-1), or run under srun" >&2
+    exit 2
+fi
+
+recipe=$1
+shift
+if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then
+    nproc=$1
+    shift
+else
+    nproc=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
+    [[ $nproc -ge 1 ]] || nproc=1
+fi
+
+if command -v torchrun >/dev/null 2>&1; then
+    launcher=(torchrun)
+else
+    launcher=("${PYTHON:-python3}" -m torch.distributed.run)
+fi
+
+# Static rendezvous (torchrun's default backend): node NODE_RANK gets global ranks
+# NODE_RANK*nproc .. NODE_RANK*nproc+nproc-1, and global rank 0 (on node 0) hosts the store.
+exec "${launcher[@]}" --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$nproc" \
+    --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
+    -m cosmos_train.cli train "$recipe" "$@"
