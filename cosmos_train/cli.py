@@ -24,8 +24,18 @@ def _cmd_train(args) -> None:
     from cosmos_train.trainer.loop import train
 
     cfg = load_recipe(args.recipe, args.overrides)
-    run_dir = train(cfg, resume=args.resume)
+    run_dir = train(cfg, resume=args.resume, recipe_path=args.recipe)
     print(f"run directory: {run_dir}")
+
+
+def _cmd_prepare(args) -> None:
+    from cosmos_train.config import load_recipe
+    from cosmos_train.prepare import prepare
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    path, skips = prepare(cfg)
+    print(skips.summary())
+    print(f"latent cache: {path} (training with this recipe uses it automatically)")
 
 
 def _cmd_export(args) -> None:
@@ -68,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.path=value")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("prepare", help="encode every sample once into the latent cache")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key.path=value")
+    p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("export", help="export a run for diffusers (full pipeline, LoRA merged) or as LoRA only")
     p.add_argument("run_dir")

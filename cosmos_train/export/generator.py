@@ -17,7 +17,7 @@ import torch
 
 from cosmos_train.config import load_saved_recipe
 from cosmos_train.errors import UserError
-from cosmos_train.models import load_model, resolve_pretrained
+from cosmos_train.models import load_model, local_checkpoint_dir
 from cosmos_train.trainer import checkpoint as ckpt
 from cosmos_train.trainer.adapters import ADAPTER_NAME, load_trainable_state_dict, setup_trainable
 
@@ -69,15 +69,6 @@ def save_diffusers_lora(transformer, path: Path) -> None:
     save_file(weights, str(path), metadata=metadata)
 
 
-def _source_dir(pretrained: str, cfg) -> Path:
-    path = Path(resolve_pretrained(pretrained))
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(pretrained, revision=cfg.model.revision, local_files_only=cfg.model.local_files_only))
-
-
 def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None, lora_only: bool = False) -> dict:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     recipe_path = run_dir / "recipe.yaml"
@@ -116,7 +107,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
             for name, param in transformer.named_parameters():
                 if param.dtype != dtype and not name.startswith("time_embedder."):
                     param.data = param.data.to(dtype)
-            source = _source_dir(cfg.model.pretrained, cfg)
+            source = local_checkpoint_dir(cfg)
             for item in source.iterdir():
                 if item.name in ("transformer",) or item.name.startswith("."):
                     continue

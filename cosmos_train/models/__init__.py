@@ -37,8 +37,28 @@ def resolve_pretrained(pretrained: str) -> str:
     return str(path)
 
 
-def load_model(cfg: RecipeConfig):
-    """The model adapter for a recipe's objective, loaded from `model.pretrained`."""
+def local_checkpoint_dir(cfg: RecipeConfig) -> Path:
+    """The checkpoint as a local directory (a hub id resolves to its snapshot in the HF cache)."""
+    path = Path(resolve_pretrained(cfg.model.pretrained))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(cfg.model.pretrained, revision=cfg.model.revision,
+                                      local_files_only=cfg.model.local_files_only))
+    except Exception as err:  # offline, unknown repo, gated repo: all user-fixable
+        from cosmos_train.errors import UserError
+
+        raise UserError(f"model.pretrained: could not fetch '{cfg.model.pretrained}': {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def load_model(cfg: RecipeConfig, *, for_encoding: bool = False):
+    """The model adapter for a recipe's objective, loaded from `model.pretrained`.
+
+    `for_encoding`: only what turns samples into cacheable inputs (no transformer weights).
+    """
     if cfg.objective == "generator":
         from cosmos_train.models.generator import Cosmos3Generator
 
@@ -46,5 +66,6 @@ def load_model(cfg: RecipeConfig):
         return Cosmos3Generator.from_pretrained(
             resolve_pretrained(m.pretrained), dtype=m.dtype, vae_dtype=m.vae_dtype, revision=m.revision,
             local_files_only=m.local_files_only, trust_remote_code=m.trust_remote_code,
+            load_transformer=not for_encoding,
         )
     raise ValueError(f"no model adapter for objective {cfg.objective!r}")

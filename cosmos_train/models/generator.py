@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -46,9 +47,10 @@ class GeneratorSample:
 
 
 class Cosmos3Generator:
-    def __init__(self, pipe):
+    def __init__(self, pipe, transformer_config=None):
         self.pipe = pipe
-        self.geometry = SequenceGeometry.from_configs(pipe.transformer.config, pipe.vae.config)
+        self.transformer_config = transformer_config or pipe.transformer.config
+        self.geometry = SequenceGeometry.from_configs(self.transformer_config, pipe.vae.config)
         # What training calls forward on: the transformer itself, or its DDP/DeepSpeed wrapper.
         self.forward_module = None
 
@@ -63,16 +65,24 @@ class Cosmos3Generator:
         revision: str | None = None,
         local_files_only: bool = False,
         trust_remote_code: bool = False,
+        load_transformer: bool = True,
     ) -> "Cosmos3Generator":
+        """`load_transformer=False` loads only what encoding needs (VAE, tokenizer, configs): `prepare`."""
         from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline, Cosmos3OmniTransformer, UniPCMultistepScheduler
         from transformers import AutoTokenizer
 
         _check_source(pretrained, local_files_only)
         common = {"revision": revision, "local_files_only": local_files_only}
         try:
-            transformer = Cosmos3OmniTransformer.from_pretrained(
-                pretrained, subfolder="transformer", torch_dtype=DTYPES[dtype], **common
-            )
+            if load_transformer:
+                transformer = Cosmos3OmniTransformer.from_pretrained(
+                    pretrained, subfolder="transformer", torch_dtype=DTYPES[dtype], **common
+                )
+                transformer_config = transformer.config
+            else:
+                transformer = None
+                transformer_config = SimpleNamespace(
+                    **Cosmos3OmniTransformer.load_config(pretrained, subfolder="transformer", **common))
             vae = AutoencoderKLWan.from_pretrained(pretrained, subfolder="vae", torch_dtype=DTYPES[vae_dtype], **common)
             tokenizer = AutoTokenizer.from_pretrained(
                 pretrained, subfolder="text_tokenizer", trust_remote_code=trust_remote_code, **common
@@ -89,7 +99,7 @@ class Cosmos3Generator:
             transformer=transformer, text_tokenizer=tokenizer, vae=vae, scheduler=scheduler,
             enable_safety_checker=False,
         )
-        return cls(pipe)
+        return cls(pipe, transformer_config)
 
     @property
     def transformer(self):
@@ -104,7 +114,8 @@ class Cosmos3Generator:
         return self.pipe.text_tokenizer
 
     def to(self, device) -> "Cosmos3Generator":
-        self.pipe.transformer.to(device)
+        if self.pipe.transformer is not None:
+            self.pipe.transformer.to(device)
         self.pipe.vae.to(device)
         return self
 
@@ -141,3 +152,30 @@ class Cosmos3Generator:
             return_dict=False,
         )
         return preds[0]
+
+    # ---- packed forward: several samples in one transformer call --------------------------
+    def install_packed_attention(self, backend: str = "auto") -> None:
+        """Swap in `PackedCosmos3AttnProcessor` (identical to the stock processor while no pack is set)."""
+        from cosmos_train.models.packing import install_packed_attention
+
+        install_packed_attention(self.transformer, backend=backend)
+
+    def predict_velocity_packed(self, batch) -> list[torch.Tensor]:
+        """One forward for several `NoisedSample`s: [text_1..text_N | vision_1..vision_N], samples kept apart
+        by the packed attention processor. Returns one [1, C, T, H, W] prediction per sample (clean frames
+        zero), equal to `predict_velocity` on each sample alone."""
+        from cosmos_train.models.packing import build_packed_sequence, packed_timesteps, packing_layout
+
+        self.install_packed_attention()
+        dtype = self.transformer.dtype
+        device = next(self.transformer.parameters()).device
+        packed = build_packed_sequence(
+            [(s.input_ids, s.x0.shape, s.clean_frames, s.fps) for s in batch], self.geometry, device=device)
+        kwargs = {k: packed[k] for k in TRANSFORMER_STATIC_KEYS}
+        timesteps = packed_timesteps(packed, [s.timestep for s in batch], device=device)
+        with packing_layout(self.transformer, packed["und_lens"], packed["gen_lens"]):
+            preds, _, _ = (self.forward_module or self.transformer)(
+                **kwargs, vision_tokens=[s.xt.to(device=device, dtype=dtype) for s in batch],
+                vision_timesteps=timesteps, return_dict=False,
+            )
+        return list(preds)

@@ -17,12 +17,14 @@ from tqdm.auto import tqdm
 
 from cosmos_train.config import RecipeConfig, save_recipe
 from cosmos_train.config.load import recipe_to_yaml
-from cosmos_train.data import GeneratorDataset, SkipCounter, read_manifest
+from cosmos_train.data import SkipCounter
+from cosmos_train.data.latent_cache import LatentCacheDataset
 from cosmos_train.data.sampler import ResumableSampler
-from cosmos_train.errors import BadSampleError, UserError
-from cosmos_train.models import load_model
+from cosmos_train.errors import UserError
+from cosmos_train.models import load_model, local_checkpoint_dir
 from cosmos_train.objectives import build_objective
 from cosmos_train.trainer import checkpoint as ckpt
+from cosmos_train.trainer.inputs import SkipMarking, build_pixel_dataset, cache_location, open_cache
 from cosmos_train.trainer.adapters import load_trainable_state_dict, setup_trainable, trainable_state_dict
 from cosmos_train.trainer.metrics import MetricsLogger
 from cosmos_train.trainer.optim import build_optimizer
@@ -50,25 +52,7 @@ def _prepare_run_dir(cfg: RecipeConfig, resume: bool, is_main: bool) -> Path:
     return run_dir
 
 
-class _SkipMarking(torch.utils.data.Dataset):
-    """Turns a bad sample into a marker the main process counts (worker processes cannot share a counter)."""
-
-    def __init__(self, dataset, skip_bad: bool):
-        self.dataset, self.skip_bad = dataset, skip_bad
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        try:
-            return self.dataset.load(index)
-        except BadSampleError as err:
-            if not self.skip_bad:
-                raise
-            return {"skipped": err.reason, "source": self.dataset.records[index].source, "message": str(err)}
-
-
-def train(cfg: RecipeConfig, resume: bool = False) -> Path:
+def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") -> Path:
     # ---- setup ---------------------------------------------------------------------------
     accelerator = _accelerator(cfg)
     is_main = accelerator.is_main_process
@@ -78,12 +62,7 @@ def train(cfg: RecipeConfig, resume: bool = False) -> Path:
 
     # ---- data (read before the model: bad manifests fail fast) --------------------------------
     skips = SkipCounter()
-    records = read_manifest(cfg.data.manifest, skip_bad=cfg.data.skip_bad_samples, counter=skips)
-    if not records:
-        raise UserError(f"data.manifest: {cfg.data.manifest} has no usable samples")
-    height, width = cfg.pixel_size()
-    dataset = GeneratorDataset(records, num_frames=cfg.data.num_frames, height=height, width=width,
-                               fps=cfg.data.fps)
+    pixel_dataset = build_pixel_dataset(cfg, skips)
 
     # ---- model and trainable weights --------------------------------------------------------
     model = load_model(cfg)
@@ -93,6 +72,19 @@ def train(cfg: RecipeConfig, resume: bool = False) -> Path:
     model.to(accelerator.device)
     optimizer, lr_scheduler = build_optimizer(params, cfg.train)
     objective = build_objective(cfg, model, seed=cfg.train.seed + 1000 * accelerator.process_index)
+
+    # A prepared latent cache replaces decoding and VAE encoding; without one, samples are encoded online.
+    cache_index = open_cache(cfg, pixel_dataset, local_checkpoint_dir(cfg), recipe_path)
+    if cache_index is not None:
+        dataset, encode = LatentCacheDataset(cache_location(cfg), cache_index), (lambda item: item)
+        counted = {src for examples in skips.examples.values() for src, _ in examples}
+        for bad in cache_index["skipped"]:
+            if bad["source"] not in counted:
+                skips.add(bad["reason"], bad["source"], bad["message"])
+        if is_main:
+            print(f"using latent cache {cache_location(cfg)} ({len(dataset)} samples)")
+    else:
+        dataset, encode = SkipMarking(pixel_dataset, cfg.data.skip_bad_samples), objective.encode
 
     step, consumed = 0, 0
     skipped_sources: set[str] = set()
@@ -116,7 +108,7 @@ def train(cfg: RecipeConfig, resume: bool = False) -> Path:
     sampler = ResumableSampler(len(dataset), shuffle=cfg.data.shuffle, seed=cfg.train.seed,
                                rank=accelerator.process_index, world_size=accelerator.num_processes, start=consumed)
     loader = torch.utils.data.DataLoader(
-        _SkipMarking(dataset, cfg.data.skip_bad_samples), sampler=sampler, batch_size=None, collate_fn=None, num_workers=cfg.data.num_workers,
+        dataset, sampler=sampler, batch_size=None, collate_fn=None, num_workers=cfg.data.num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
     stream = iter(loader)
@@ -133,7 +125,7 @@ def train(cfg: RecipeConfig, resume: bool = False) -> Path:
         while True:
             sample = next(stream)
             consumed += 1
-            if "skipped" not in sample:
+            if not (isinstance(sample, dict) and "skipped" in sample):
                 return sample
             if sample["source"] not in skipped_sources:  # count each bad sample once, not once per epoch
                 skipped_sources.add(sample["source"])
@@ -147,7 +139,7 @@ def train(cfg: RecipeConfig, resume: bool = False) -> Path:
         total_loss, modes, data_time = 0.0, {}, 0.0
         for micro in range(accum):
             t_data = time.perf_counter()
-            batch = [objective.draw(objective.encode(next_good_sample())) for _ in range(cfg.train.batch_size)]
+            batch = [objective.draw(encode(next_good_sample())) for _ in range(cfg.train.batch_size)]
             data_time += time.perf_counter() - t_data
             ctx = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(forward_module)
             with ctx:

@@ -1,0 +1,50 @@
+"""`cosmos-train prepare RECIPE`: decode and VAE-encode every sample once into the latent cache.
+
+Decoding runs in `data.num_workers` DataLoader worker processes; encoding runs on the accelerator in the
+main process. The cache is built aside and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from cosmos_train.config import RecipeConfig
+from cosmos_train.data import SkipCounter
+from cosmos_train.data.latent_cache import LatentCacheWriter
+from cosmos_train.models import load_model, local_checkpoint_dir
+from cosmos_train.objectives import build_objective
+from cosmos_train.trainer.inputs import SkipMarking, build_pixel_dataset, cache_fingerprint, cache_location
+
+
+def prepare(cfg: RecipeConfig, device: str | None = None) -> tuple[Path, SkipCounter]:
+    skips = SkipCounter()
+    dataset = build_pixel_dataset(cfg, skips)
+    checkpoint_dir = local_checkpoint_dir(cfg)
+    fingerprint = cache_fingerprint(cfg, dataset, checkpoint_dir)
+
+    device = device or ("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    model = load_model(cfg, for_encoding=True).to(device)
+    objective = build_objective(cfg, model, seed=0)
+
+    loader = torch.utils.data.DataLoader(SkipMarking(dataset, cfg.data.skip_bad_samples), batch_size=None,
+                                         num_workers=cfg.data.num_workers, pin_memory=device == "cuda")
+    writer = LatentCacheWriter(cache_location(cfg), fingerprint)
+    try:
+        for sample in tqdm(loader, total=len(dataset), desc="prepare", dynamic_ncols=True):
+            if "skipped" in sample:
+                skips.add(sample["skipped"], sample["source"], sample["message"])
+                writer.add_skipped(sample["source"], sample["skipped"], sample["message"])
+                continue
+            writer.add(objective.encode(sample))
+        for reason, examples in skips.examples.items():  # manifest-level skips, for the training summary
+            for source, message in examples:
+                if not any(s["source"] == source for s in writer.skipped):
+                    writer.add_skipped(source, reason, message)
+        path = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return path, skips
