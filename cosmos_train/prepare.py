@@ -6,6 +6,7 @@ main process. The cache is built aside and renamed into place when complete.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -33,7 +34,9 @@ def prepare(cfg: RecipeConfig, device: str | None = None) -> tuple[Path, SkipCou
                                          num_workers=cfg.data.num_workers, pin_memory=device == "cuda")
     writer = LatentCacheWriter(cache_location(cfg), fingerprint)
     try:
-        for sample in tqdm(loader, total=len(dataset), desc="prepare", dynamic_ncols=True):
+        bar = tqdm(loader, total=len(dataset), desc="prepare", dynamic_ncols=True,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        for sample in bar:
             if "skipped" in sample:
                 skips.add(sample["skipped"], sample["source"], sample["message"])
                 writer.add_skipped(sample["source"], sample["skipped"], sample["message"])

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import time
+import sys
 from pathlib import Path
 
 import torch
@@ -118,8 +119,10 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
 
     # ---- loop ----------------------------------------------------------------------------------
     model.transformer.train()
-    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
     first_loss = None
+
     def next_good_sample():
         nonlocal consumed
         while True:
