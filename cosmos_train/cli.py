@@ -25,7 +25,8 @@ def _cmd_train(args) -> None:
 
     cfg = load_recipe(args.recipe, args.overrides)
     run_dir = train(cfg, resume=args.resume, recipe_path=args.recipe)
-    print(f"run directory: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"run directory: {run_dir}")
 
 
 def _cmd_prepare(args) -> None:

@@ -42,12 +42,14 @@ def _accelerator(cfg: RecipeConfig):
 
 def _prepare_run_dir(cfg: RecipeConfig, resume: bool, is_main: bool) -> Path:
     run_dir = Path(cfg.output_dir)
+    # Every rank checks, before any barrier, so all of them stop with this message (checked on rank 0
+    # alone, the other ranks crash in the barrier with a "connection closed by peer" traceback).
+    if not resume and ckpt.list_checkpoints(run_dir):
+        raise UserError(
+            f"output_dir {run_dir} already holds checkpoints; pass --resume to continue that run "
+            "or choose another output_dir (nothing is overwritten)"
+        )
     if is_main:
-        if not resume and ckpt.list_checkpoints(run_dir):
-            raise UserError(
-                f"output_dir {run_dir} already holds checkpoints; pass --resume to continue that run "
-                "or choose another output_dir (nothing is overwritten)"
-            )
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(cfg, run_dir / "recipe.yaml")
     return run_dir
@@ -93,6 +95,12 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
         found = ckpt.list_checkpoints(run_dir)
         if found:
             weights, state, torch_state = ckpt.load_checkpoint(found[-1])
+            if len(state["samples_consumed"]) != accelerator.num_processes:
+                raise UserError(
+                    f"{found[-1]} was written by a run of {len(state['samples_consumed'])} process(es) and this "
+                    f"run has {accelerator.num_processes}: resume with the same number of processes (the data "
+                    "position and noise RNG are stored per rank)"
+                )
             load_trainable_state_dict(model.transformer, cfg.train.method, weights)
             optimizer.load_state_dict(torch_state["optimizer"])
             lr_scheduler.load_state_dict(torch_state["lr_scheduler"])
@@ -108,6 +116,11 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
     model.forward_module = forward_module
     sampler = ResumableSampler(len(dataset), shuffle=cfg.data.shuffle, seed=cfg.train.seed,
                                rank=accelerator.process_index, world_size=accelerator.num_processes, start=consumed)
+    # Sources this rank can ever be given (all when shuffling, a fixed shard otherwise): once all of them
+    # proved bad, stop. Comparing with the whole dataset never fires on one rank of many without shuffle.
+    # (Only decoded samples can turn out bad; a latent cache holds good ones only.)
+    reachable = set() if cache_index is not None else {
+        pixel_dataset.records[i].source for i in (range(len(dataset)) if cfg.data.shuffle else sampler.epoch_order(0))}
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=None, collate_fn=None, num_workers=cfg.data.num_workers,
         pin_memory=accelerator.device.type == "cuda",
@@ -133,7 +146,7 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
             if sample["source"] not in skipped_sources:  # count each bad sample once, not once per epoch
                 skipped_sources.add(sample["source"])
                 skips.add(sample["skipped"], sample["source"], sample["message"])
-            if len(skipped_sources) >= len(dataset):
+            if reachable <= skipped_sources:
                 raise UserError(f"every sample in {cfg.data.manifest} is unusable:\n{skips.summary()}")
 
     accum = cfg.train.grad_accum_steps
@@ -160,6 +173,8 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
         step += 1
 
         mean_loss = total_loss / accum
+        if accelerator.num_processes > 1:  # the global batch's loss (and every rank sees a NaN), not rank 0's share
+            mean_loss = float(accelerator.reduce(torch.tensor(mean_loss, device=accelerator.device), "mean"))
         if not math.isfinite(mean_loss):
             raise RuntimeError(f"loss is {mean_loss} at step {step}; lower train.lr or check the data")
         first_loss = mean_loss if first_loss is None else first_loss
