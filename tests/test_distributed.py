@@ -39,7 +39,8 @@ def test_two_process_torchrun(tmp_path):
     for step in range(EVERY, STEPS + 1, EVERY):
         state = json.loads((ckpt_root / f"step-{step:07d}" / "state.json").read_text())
         assert state["step"] == step
-        assert state["samples_consumed"] == [step] * NPROC  # one entry per rank, batch 1, no bad samples
+        # one entry per rank; packing draws a lookahead window ahead, so at least one sample per step
+        assert len(state["samples_consumed"]) == NPROC and min(state["samples_consumed"]) >= step
 
     # Only rank 0 logs: one line per optimizer step.
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()

@@ -84,7 +84,12 @@ def _resolve_paths(cfg: S.RecipeConfig, recipe_dir: Path) -> None:
             return str((recipe_dir / value).resolve())
         return value
 
-    cfg.data.manifest = resolve(cfg.data.manifest)
+    if cfg.data.manifest is not None:
+        cfg.data.manifest = resolve(cfg.data.manifest)
+    for source in cfg.data.sources:
+        for key in ("manifest", "hf_dataset", "media_root", "cache_dir"):
+            if getattr(source, key) is not None:
+                setattr(source, key, resolve(getattr(source, key)))
     cfg.model.pretrained = resolve(cfg.model.pretrained)
 
 
@@ -116,6 +121,40 @@ def validate(cfg: S.RecipeConfig, where: str = "recipe") -> None:
                "a positive multiple of 16 (the VAE's spatial factor)", value)
     _check(d.fps > 0, where, "data.fps", "must be > 0", d.fps)
     _check(d.num_workers >= 0, where, "data.num_workers", "must be >= 0", d.num_workers)
+    _check(d.short_clips in S.SHORT_CLIPS, where, "data.short_clips", f"one of {', '.join(S.SHORT_CLIPS)}",
+           d.short_clips)
+    if d.aspect_buckets and (d.height is not None or d.width is not None):
+        raise UserError(f"{where}: data.aspect_buckets=true conflicts with data.height/data.width (a fixed size, "
+                        "no buckets): set one or the other")
+    if d.manifest is None and not d.sources:
+        raise UserError(f"{where}: missing required value 'data.manifest' (or 'data.sources', a list of sources)")
+    if d.manifest is not None and d.sources:
+        raise UserError(f"{where}: give 'data.manifest' (one source) or 'data.sources', not both")
+    _check(d.manifest is None or bool(d.manifest.strip()), where, "data.manifest", "a JSONL file path", d.manifest)
+    for i, src in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        if (src.manifest is None) == (src.hf_dataset is None):
+            raise UserError(f"{where}: '{key}' needs exactly one of 'manifest' or 'hf_dataset'")
+        _check(bool((src.manifest or src.hf_dataset).strip()), where, key, "a path or dataset id",
+               src.manifest or src.hf_dataset)
+        _check(src.weight is None or (math.isfinite(src.weight) and src.weight >= 0), where, f"{key}.weight",
+               "a number >= 0", src.weight)
+        if src.manifest is not None:
+            hf_only = [k for k in ("subset", "media_root", "cache_dir") if getattr(src, k) is not None]
+            hf_only += ["split"] if src.split != "train" else []
+            hf_only += ["columns"] if src.columns != S.HFColumns() else []
+            if hf_only:
+                raise UserError(f"{where}: '{key}': {', '.join(hf_only)} only apply to an hf_dataset source")
+        _check(bool(src.columns.caption), where, f"{key}.columns.caption", "a column name", src.columns.caption)
+    weights = [src.weight for src in d.sources]
+    if any(w is None for w in weights) and any(w is not None for w in weights):
+        raise UserError(f"{where}: 'data.sources': set 'weight' on every source or on none "
+                        f"(none: each source in proportion to its size); got {weights}")
+    if weights and all(w is not None for w in weights) and sum(weights) <= 0:
+        raise UserError(f"{where}: 'data.sources': the weights sum to 0")
+    # YAML reads a bare `off` / `on` as a boolean
+    d.cache = {"False": "off", "false": "off", "True": "auto", "true": "auto"}.get(d.cache, d.cache)
+    _check(d.cache in ("auto", "require", "off"), where, "data.cache", "auto, require or off", d.cache)
 
     g = cfg.generator
     probs = {m: getattr(g.modes, m) for m in S.GENERATION_MODES}
@@ -155,6 +194,8 @@ def validate(cfg: S.RecipeConfig, where: str = "recipe") -> None:
     _check(t.warmup_steps >= 0, where, "train.warmup_steps", "must be >= 0", t.warmup_steps)
     _check(0 <= t.min_lr_ratio <= 1, where, "train.min_lr_ratio", "in [0, 1]", t.min_lr_ratio)
     _check(t.batch_size > 0, where, "train.batch_size", "must be > 0", t.batch_size)
+    _check(t.packing.max_tokens > 0, where, "train.packing.max_tokens", "must be > 0", t.packing.max_tokens)
+    _check(t.packing.lookahead >= 1, where, "train.packing.lookahead", "must be >= 1", t.packing.lookahead)
     _check(t.grad_accum_steps > 0, where, "train.grad_accum_steps", "must be > 0", t.grad_accum_steps)
     _check(t.max_grad_norm >= 0, where, "train.max_grad_norm", "must be >= 0 (0 disables clipping)",
            t.max_grad_norm)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from omegaconf import MISSING
 
@@ -40,17 +40,62 @@ class ModelConfig:
     local_files_only: bool = False
 
 
+SHORT_CLIPS = ("skip", "loop", "pad")
+
+
+@dataclass
+class HFColumns:
+    """Column names of a Hugging Face dataset source (see cosmos_train/data/hf.py)."""
+    video: Optional[str] = None  # path strings, bytes, or {bytes, path} (datasets.Video); None: auto ("video")
+    image: Optional[str] = None  # same for images; None: auto ("image")
+    caption: str = "caption"  # a string, or a list of strings (several captions, one per epoch)
+    fps: Optional[str] = None  # optional columns; each means what the manifest key of that name means
+    start_frame: Optional[str] = None
+    end_frame: Optional[str] = None
+    start_time: Optional[str] = None
+    end_time: Optional[str] = None
+    width: Optional[str] = None  # the media's own size (lets aspect bucketing skip probing)
+    height: Optional[str] = None
+
+
+@dataclass
+class DataSourceConfig:
+    """One entry of `data.sources`: a JSONL manifest or a Hugging Face dataset, with a weight."""
+    manifest: Optional[str] = None  # JSONL manifest (see README, "Data")
+    hf_dataset: Optional[str] = None  # local .parquet / .arrow file, dataset directory, or hub id
+    split: str = "train"  # hf_dataset only
+    subset: Optional[str] = None  # hf_dataset only: the hub dataset's config name
+    columns: HFColumns = field(default_factory=HFColumns)  # hf_dataset only
+    media_root: Optional[str] = None  # hf_dataset only: base of relative paths (default: the dataset's folder)
+    cache_dir: Optional[str] = None  # hf_dataset only: datasets cache for Parquet / hub data
+    weight: Optional[float] = None  # share of the sample stream ~ weight / sum; unset (all): by source size
+    name: Optional[str] = None  # label in logs and messages (default: the path / id)
+
+
 @dataclass
 class DataConfig:
-    manifest: str = MISSING  # JSONL manifest (see README, "Data")
-    resolution: int = 480  # tier: 256, 480 or 720; sets the default size and flow shift
-    height: Optional[int] = None  # pixel size; defaults to the tier's 16:9 size
+    manifest: Optional[str] = None  # JSONL manifest (see README, "Data"); shorthand for one source
+    sources: List[DataSourceConfig] = field(default_factory=list)  # several weighted sources
+    resolution: int = 480  # tier: 256, 480 or 720; sets the bucket sizes / default size and flow shift
+    height: Optional[int] = None  # fixed pixel size (no buckets); defaults to the tier's 16:9 size
     width: Optional[int] = None
+    aspect_buckets: Optional[bool] = None  # bucket by aspect ratio within the tier; default: on unless height/width set
     num_frames: int = 93  # 4k+1
     fps: float = 24.0  # frames are sampled at this rate; it also goes into the prompt and positions
+    short_clips: str = "skip"  # windows too short for num_frames at fps: skip (too_short) | loop | pad
     skip_bad_samples: bool = False
     shuffle: bool = True
     num_workers: int = 0
+    # Latent cache written by `cosmos-train prepare`: auto = use it when present (refuse a stale one),
+    # require = fail without one, off = always encode online. Default location: OUTPUT_DIR/latent_cache.
+    cache: str = "auto"
+    cache_dir: Optional[str] = None
+
+    def use_buckets(self) -> bool:
+        """Aspect-ratio buckets on? `aspect_buckets`, else on unless height/width fix the size."""
+        if self.aspect_buckets is not None:
+            return bool(self.aspect_buckets)
+        return self.height is None and self.width is None
 
 
 @dataclass
@@ -83,9 +128,19 @@ class LoraConfig:
 
 
 @dataclass
+class PackingConfig:
+    # Several samples share one transformer forward (each keeps its own prompt, positions and loss,
+    # and cannot attend to the others). One micro-step = one pack; train.batch_size is then unused.
+    enabled: bool = True
+    max_tokens: int = 16384  # sequence budget per pack (text + vision tokens)
+    lookahead: int = 32  # samples buffered to choose pack members from (best fit)
+
+
+@dataclass
 class TrainConfig:
     method: str = "lora"  # lora | full
     lora: LoraConfig = field(default_factory=LoraConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
     full_trainable: str = "gen"  # full finetuning: gen pathway (+ heads, time embedder) or all
     max_steps: int = 1000
     lr: float = 1e-4
@@ -106,6 +161,59 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
 
 
+# ---- Reasoner (next-token SFT of the understanding pathway; transformers' Cosmos3OmniForConditionalGeneration)
+REASONER_LOSS_ON = ("all_turns", "last_turn")
+REASONER_TRAINABLE = ("lora", "full", "frozen")
+# LoRA targets in the reasoner's language model (Qwen3-VL text decoder names) and its vision tower.
+REASONER_LANGUAGE_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+REASONER_VISION_LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"]
+# The explicit-reasoning answer format (Cosmos-Reason style): appended to user turns when reasoner.reasoning is on.
+REASONING_PROMPT = ("\n\nAnswer the question using the following format:\n\n<think>\nYour reasoning.\n</think>\n\n"
+                    "Write your final answer immediately after the </think> tag.")
+
+
+@dataclass
+class ReasonerMediaConfig:
+    """Per-sample pixel budgets and video sampling. None: the checkpoint's processor settings
+    (preprocessor_config.json / video_preprocessor_config.json; Qwen3-VL's defaults when absent).
+    A conversation's image/video part may override them with its own min_pixels / max_pixels / fps / num_frames."""
+
+    image_min_pixels: Optional[int] = None  # per image (Qwen2-VL smart_resize bounds)
+    image_max_pixels: Optional[int] = None
+    video_min_pixels: Optional[int] = None  # total over the sampled frames, as Qwen3-VL's video processor counts
+    video_max_pixels: Optional[int] = None
+    video_fps: Optional[float] = None  # sample videos at this rate (Qwen3-VL default 2) ...
+    video_num_frames: Optional[int] = None  # ... or take this many frames, evenly spaced (not both)
+    video_min_frames: Optional[int] = None  # clamp of the fps-based frame count (Qwen3-VL: 4 .. 768)
+    video_max_frames: Optional[int] = None
+
+
+@dataclass
+class ReasonerConfig:
+    # --- data format
+    loss_on: str = "all_turns"  # all_turns: every assistant turn is a target; last_turn: only the last one
+    reasoning: bool = False  # explicit reasoning: append reasoning_prompt to user turns, train <think>...</think>
+    reasoning_prompt: str = REASONING_PROMPT
+    system_prompt: Optional[str] = None  # used for conversations that bring no system message
+    max_seq_len: int = 8192  # tokens per conversation, image/video placeholders included
+    truncate: bool = False  # longer: False -> bad sample (too_long); True -> cut (never inside an image/video)
+    media: ReasonerMediaConfig = field(default_factory=ReasonerMediaConfig)
+    # --- batching: train.batch_size conversations per micro-step, packed into one padding-free sequence
+    packing: bool = True
+    max_packed_tokens: Optional[int] = None  # split a micro-batch into several packed forwards above this
+    # --- what trains (lora / full / frozen per part; None: language follows train.method)
+    language: Optional[str] = None  # the language model (q/k/v/o + MLP for LoRA; everything incl. lm_head for full)
+    vision: str = "frozen"  # the vision tower's blocks (+ patch/pos embeddings when full)
+    merger: str = "frozen"  # the merger and deepstack mergers (full or frozen)
+    language_lora_targets: list = field(default_factory=lambda: list(REASONER_LANGUAGE_LORA_TARGETS))
+    vision_lora_targets: list = field(default_factory=lambda: list(REASONER_VISION_LORA_TARGETS))
+    language_lr: Optional[float] = None  # None: train.lr
+    vision_lr: Optional[float] = None
+    merger_lr: Optional[float] = None
+    # --- model
+    attn_implementation: str = "sdpa"  # sdpa (padding-free packing works with it on CPU/GPU) or flash_attention_2
+
+
 @dataclass
 class LoggingConfig:
     wandb: bool = False
@@ -121,6 +229,7 @@ class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    reasoner: ReasonerConfig = field(default_factory=ReasonerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     description: str = ""

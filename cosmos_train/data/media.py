@@ -13,16 +13,34 @@ source frame nearest to time ``k / fps`` (index ``start_frame + floor(k * src_fp
 assuming a constant frame rate); upsampling repeats frames. `load_video_clip` returns the indices
 it used; a clip too short for the request raises ``BadSampleError(reason="too_short")``.
 Anything that cannot be decoded raises ``BadSampleError(reason="undecodable")``, never a raw
-PyAV/PIL exception.
+PyAV/PIL exception; a file that exists but cannot be opened (permission denied) raises
+``reason="unreadable"``; an image whose pixel mode cannot be converted to RGB raises
+``reason="bad_image_mode"`` (CMYK, 16-bit, palette and alpha images are converted, see
+`_to_rgb_array`).
+
+Time windows: ``start_time``/``end_time`` (seconds, end exclusive) select the source frames whose
+timestamp ``i / source_fps`` lies in ``[start_time, end_time)``, i.e. ``start_frame =
+ceil(start_time * source_fps)`` and ``end_frame = ceil(end_time * source_fps)``.
+
+Short clips (fewer frames in the window than the request needs at the target fps): with
+``short_clips="skip"`` (default) ``BadSampleError(reason="too_short")``; ``"loop"`` repeats the
+sampled in-window frames from the start (``f0 f1 f2 f0 f1 ...``); ``"pad"`` repeats the last
+in-window sampled frame (``f0 f1 f2 f2 f2 ...``). Neither changes the frame rate: frames are never
+silently resampled to fit. What was done is in the returned `VideoClip` (see `describe_clip`).
+
+Media can be a path or an in-memory object with ``name`` and ``read() -> bytes`` (e.g.
+`InMemoryMedia`, or a Hugging Face dataset bytes cell); PyAV and PIL decode it from a BytesIO.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
@@ -32,6 +50,37 @@ from cosmos_train.errors import BadSampleError
 logger = logging.getLogger(__name__)
 
 _FPS_RTOL = 1e-3  # target fps within 0.1% of the source rate counts as "same rate"
+SHORT_CLIP_MODES = ("skip", "loop", "pad")
+
+
+class InMemoryMedia:
+    """Media bytes with a name for messages (``name`` is what errors and logs show)."""
+
+    def __init__(self, name: str, data: bytes):
+        self.name = name
+        self._data = data
+
+    def read(self) -> bytes:
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"InMemoryMedia({self.name!r}, {len(self._data)} bytes)"
+
+
+MediaSource = Union[str, os.PathLike, InMemoryMedia]
+
+
+def _is_in_memory(src) -> bool:
+    return not isinstance(src, (str, os.PathLike)) and hasattr(src, "read") and hasattr(src, "name")
+
+
+def _media_name(src) -> str:
+    return str(src.name) if _is_in_memory(src) else os.fspath(src)
+
+
+def time_to_frame(seconds: float, source_fps: float) -> int:
+    """Index of the first source frame whose timestamp ``i / source_fps`` is >= `seconds`."""
+    return max(0, math.ceil(seconds * source_fps - 1e-6))
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,15 +128,45 @@ class VideoClip:
     fps: float  # rate of the returned frames (the target fps, or source_fps when not resampled)
     frame_indices: list[int]  # source frame index of each returned frame
     resampled: bool  # True when frames were picked at a target fps != source fps
+    window_start: int = 0  # first source frame of the window
+    window_end: int | None = None  # exclusive end of the window, clamped to the file's length (None: unknown)
+    window_frames: int | None = None  # source frames in the window (None: unknown)
+    valid_frames: int = 0  # sampled frames inside the window (< len(frame_indices) when looped/padded)
+    short_fill: str | None = None  # "loop" or "pad" when the window was too short, else None
+    source_size: tuple[int, int] = (0, 0)  # the file's (height, width)
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists():
+    from cosmos_train.data.manifest import check_readable
+
+    problem = check_readable(path)
+    if problem == "missing_file":
+        if path.exists():
+            raise BadSampleError(f"{path}: not a regular file", "missing_file")
         raise BadSampleError(f"{path}: file not found", "missing_file")
-    if not path.is_file():
-        raise BadSampleError(f"{path}: not a regular file", "missing_file")
+    if problem == "unreadable":
+        raise BadSampleError(f"{path}: cannot read the file: permission denied", "unreadable")
     if path.stat().st_size == 0:
         raise BadSampleError(f"{path}: cannot decode, file is empty (0 bytes)", "undecodable")
+
+
+def _source_handle(src) -> tuple[str, object]:
+    """(name for messages, something PyAV / PIL can open: a path string or a BytesIO)."""
+    if _is_in_memory(src):
+        name = str(src.name)
+        try:
+            data = src.read()
+        except BadSampleError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken dataset cell is a bad sample
+            raise BadSampleError(f"{name}: cannot read the media bytes ({type(e).__name__}: {e})",
+                                 "undecodable") from None
+        if data is None or len(data) == 0:
+            raise BadSampleError(f"{name}: cannot decode, media is empty (0 bytes)", "undecodable")
+        return name, io.BytesIO(bytes(data))
+    path = Path(src)
+    _check_file(path)
+    return os.fspath(path), os.fspath(path)
 
 
 def _av_errors() -> tuple[type[BaseException], ...]:
@@ -98,18 +177,21 @@ def _av_errors() -> tuple[type[BaseException], ...]:
     return (av.FFmpegError, OSError, ValueError, EOFError, UnicodeDecodeError)
 
 
-def _open_video(path: Path):
+def _open_video(src):
+    """-> (name, container) for a path or in-memory media."""
     import av
 
-    _check_file(path)
+    name, handle = _source_handle(src)
     try:
-        container = av.open(os.fspath(path), mode="r")
+        container = av.open(handle, mode="r")
+    except PermissionError:
+        raise BadSampleError(f"{name}: cannot read the file: permission denied", "unreadable") from None
     except _av_errors() as e:
-        raise BadSampleError(f"{path}: cannot decode video ({type(e).__name__}: {e})", "undecodable") from None
+        raise BadSampleError(f"{name}: cannot decode video ({type(e).__name__}: {e})", "undecodable") from None
     if not container.streams.video:
         container.close()
-        raise BadSampleError(f"{path}: cannot decode video (no video stream)", "undecodable")
-    return container
+        raise BadSampleError(f"{name}: cannot decode video (no video stream)", "undecodable")
+    return name, container
 
 
 def _stream_fps(stream, path: Path) -> float:
@@ -127,11 +209,10 @@ def _count_frames(container, stream) -> int:
     return n
 
 
-def probe_video(path: str | os.PathLike) -> tuple[int, float, int, int]:
+def probe_video(path: MediaSource) -> tuple[int, float, int, int]:
     """(num_frames, fps, height, width) of a video file, from container metadata when present
     (otherwise by counting packets, which does not decode)."""
-    path = Path(path)
-    container = _open_video(path)
+    path, container = _open_video(path)
     try:
         stream = container.streams.video[0]
         fps = _stream_fps(stream, path)
@@ -168,26 +249,43 @@ def sample_frame_indices(
 
 
 def load_video_clip(
-    path: str | os.PathLike,
+    path: MediaSource,
     num_frames: int,
     height: int,
     width: int,
     fps: float | None = None,
     start_frame: int = 0,
     end_frame: int | None = None,
+    *,
+    start_time: float | None = None,
+    end_time: float | None = None,
+    short_clips: str = "skip",
 ) -> VideoClip:
-    """Decode `num_frames` frames (see module docstring for sampling) into [3, T, H, W] in [-1, 1]."""
-    path = Path(path)
+    """Decode `num_frames` frames (see module docstring for sampling, time windows and short clips)
+    into [3, T, H, W] in [-1, 1]."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if start_frame < 0:
         raise ValueError(f"start_frame must be >= 0, got {start_frame}")
     if fps is not None and not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"fps must be a positive number, got {fps!r}")
-    container = _open_video(path)
+    if short_clips not in SHORT_CLIP_MODES:
+        raise ValueError(f"short_clips must be one of {', '.join(SHORT_CLIP_MODES)}, got {short_clips!r}")
+    use_time = start_time is not None or end_time is not None
+    if use_time and (start_frame or end_frame is not None):
+        raise ValueError("give the window in frames or in seconds, not both")
+    path, container = _open_video(path)
     try:
         stream = container.streams.video[0]
         source_fps = _stream_fps(stream, path)
+        source_size = (int(stream.codec_context.height), int(stream.codec_context.width))
+        window_desc = None
+        if use_time:
+            start_frame = time_to_frame(start_time or 0.0, source_fps)
+            end_frame = time_to_frame(end_time, source_fps) if end_time is not None else None
+            window_desc = (f"[{start_time or 0:g} s, " + (f"{end_time:g} s)" if end_time is not None else "end)")
+                           + f" = frames [{start_frame}, {end_frame if end_frame is not None else 'end'})"
+                           + f" at {source_fps:g} fps")
         indices, resampled = sample_frame_indices(num_frames, source_fps, fps, start_frame)
         how = (
             f"{num_frames} frames at {fps:g} fps (resampled from {source_fps:g} fps, "
@@ -195,14 +293,17 @@ def load_video_clip(
             if resampled
             else f"{num_frames} consecutive frames at {source_fps:g} fps"
         )
-        last = indices[-1]
-        if end_frame is not None and last >= end_frame:
+        meta_frames = int(stream.frames or 0) or None
+        window = f"window {window_desc}" if window_desc else f"window [{start_frame}, {end_frame})"
+        if end_frame is not None and end_frame <= start_frame:
+            raise BadSampleError(f"{path}: too short: {window} holds no frame", "too_short")
+        if short_clips == "skip" and end_frame is not None and indices[-1] >= end_frame:
             raise BadSampleError(
-                f"{path}: too short: window [{start_frame}, {end_frame}) has {end_frame - start_frame} frames, "
-                f"need {how}",
-                "too_short",
+                f"{path}: too short: {window} has {end_frame - start_frame} frames, need {how}", "too_short"
             )
-        wanted = set(indices)
+        # decode up to the last sampled frame that can lie in the window
+        last = indices[-1] if end_frame is None else min(indices[-1], end_frame - 1)
+        wanted = {i for i in indices if i <= last}
         decoded: dict[int, np.ndarray] = {}
         count = 0
         stream.thread_type = "AUTO"
@@ -212,7 +313,8 @@ def load_video_clip(
             count += 1
             if count > last:
                 break
-        if count <= last:
+        eof = count <= last
+        if eof and short_clips == "skip":
             avail = max(count - start_frame, 0)
             raise BadSampleError(
                 f"{path}: too short: {count} decodable frames, {avail} from start_frame {start_frame}; "
@@ -224,6 +326,30 @@ def load_video_clip(
     finally:
         container.close()
 
+    # the window actually available: [start_frame, avail_end)
+    avail_end = end_frame
+    if eof:
+        avail_end = count if end_frame is None else min(count, end_frame)
+    valid = [i for i in indices if avail_end is None or i < avail_end]
+    # for the report: without reaching the end of the file, the container's frame count bounds the window
+    report_end = avail_end
+    if not eof and meta_frames is not None:
+        file_end = max(meta_frames, count)
+        report_end = file_end if avail_end is None else min(avail_end, file_end)
+    window_frames = max(report_end - start_frame, 0) if report_end is not None else None
+    short_fill = None
+    if len(valid) < num_frames:
+        if not valid:
+            raise BadSampleError(
+                f"{path}: too short: {window} has no frame to {short_clips} "
+                f"({count} decodable frames, start_frame {start_frame}); need {how}",
+                "too_short",
+            )
+        short_fill = short_clips
+        if short_clips == "loop":
+            indices = [valid[k % len(valid)] for k in range(num_frames)]
+        else:  # pad: repeat the last frame
+            indices = valid + [valid[-1]] * (num_frames - len(valid))
     if resampled:
         logger.debug("%s: %s", path, how)
     frames = np.stack([decoded[i] for i in indices])
@@ -234,21 +360,42 @@ def load_video_clip(
         fps=float(fps) if resampled else source_fps,
         frame_indices=indices,
         resampled=resampled,
+        window_start=start_frame,
+        window_end=report_end,
+        window_frames=window_frames,
+        valid_frames=len(valid),
+        short_fill=short_fill,
+        source_size=source_size,
     )
 
 
+def describe_clip(name: str, clip: VideoClip) -> str:
+    """One line saying what was done to a clip's rate and length, e.g.
+    ``red_circle.mp4: 30 fps -> 24 fps (nearest-frame), 45 frames window -> 17 frames``."""
+    n = len(clip.frame_indices)
+    rate = (f"{clip.source_fps:g} fps -> {clip.fps:g} fps (nearest-frame)" if clip.resampled
+            else f"{clip.source_fps:g} fps (kept)")
+    window = f"{clip.window_frames} frames window" if clip.window_frames is not None else "window to end of file"
+    text = f"{name}: {rate}, {window} -> {n} frames"
+    if clip.short_fill:
+        text += f" ({clip.valid_frames} in window, {'looped' if clip.short_fill == 'loop' else 'padded'} to {n})"
+    return text
+
+
 def load_video(
-    path: str | os.PathLike,
+    path: MediaSource,
     num_frames: int,
     height: int,
     width: int,
     fps: float | None = None,
     start_frame: int = 0,
     end_frame: int | None = None,
+    **kwargs,
 ) -> tuple[torch.Tensor, float]:
     """(pixels float32 [3, T, H, W] in [-1, 1], source fps). See `load_video_clip` for the
-    sampled indices / effective fps."""
-    clip = load_video_clip(path, num_frames, height, width, fps=fps, start_frame=start_frame, end_frame=end_frame)
+    sampled indices / effective fps and the keyword options."""
+    clip = load_video_clip(path, num_frames, height, width, fps=fps, start_frame=start_frame, end_frame=end_frame,
+                           **kwargs)
     return clip.pixels, clip.source_fps
 
 
@@ -310,18 +457,55 @@ def _to_rgb_array(img, path: Path) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_image(path: str | os.PathLike, height: int, width: int) -> torch.Tensor:
-    """Image file -> float32 [3, 1, H, W] in [-1, 1] (cover + centre crop, as inference does).
-    Multi-frame images (animated GIF/WebP, multi-page TIFF) use their first frame."""
+def _open_image(src):
+    """-> (name, loaded PIL image, its original mode). Caller closes the image."""
     from PIL import Image
 
-    path = Path(path)
-    _check_file(path)
+    name, handle = _source_handle(src)
     try:
-        with Image.open(path) as img:
-            img.load()
-            arr = _to_rgb_array(img, path)
+        img = Image.open(handle)
+        img.load()
+    except PermissionError:
+        raise BadSampleError(f"{name}: cannot read the file: permission denied", "unreadable") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as e:
         # PIL.UnidentifiedImageError is an OSError; truncated files raise OSError on load()
-        raise BadSampleError(f"{path}: cannot decode image ({type(e).__name__}: {e})", "undecodable") from None
-    return preprocess_frames(arr[None], height, width)
+        raise BadSampleError(f"{name}: cannot decode image ({type(e).__name__}: {e})", "undecodable") from None
+    return name, img
+
+
+def load_image_info(src: MediaSource, height: int, width: int) -> tuple[torch.Tensor, tuple[int, int], str]:
+    """(pixels [3, 1, H, W] in [-1, 1], the image's own (height, width), its pixel mode)."""
+    name, img = _open_image(src)
+    with img:
+        mode, size = img.mode, (img.height, img.width)
+        try:
+            arr = _to_rgb_array(img, Path(name))
+        except (OSError, ValueError, EOFError) as e:
+            raise BadSampleError(f"{name}: cannot convert image mode {mode!r} to RGB ({type(e).__name__}: {e})",
+                                 "bad_image_mode") from None
+    return preprocess_frames(arr[None], height, width), size, mode
+
+
+def probe_image(src: MediaSource) -> tuple[int, int]:
+    """(height, width) of an image, from its header (EXIF rotation applied)."""
+    from PIL import Image
+
+    name, handle = _source_handle(src)
+    try:
+        with Image.open(handle) as img:
+            h, w = img.height, img.width
+            try:
+                orientation = img.getexif().get(0x0112, 1)
+            except Exception:  # noqa: BLE001 - unreadable EXIF: no rotation
+                orientation = 1
+    except PermissionError:
+        raise BadSampleError(f"{name}: cannot read the file: permission denied", "unreadable") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as e:
+        raise BadSampleError(f"{name}: cannot decode image ({type(e).__name__}: {e})", "undecodable") from None
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+def load_image(path: MediaSource, height: int, width: int) -> torch.Tensor:
+    """Image file -> float32 [3, 1, H, W] in [-1, 1] (cover + centre crop, as inference does).
+    Multi-frame images (animated GIF/WebP, multi-page TIFF) use their first frame."""
+    return load_image_info(path, height, width)[0]

@@ -110,6 +110,15 @@ class StreamingPacker:
         self.packed_tokens += sum(e[2] for e in chosen)
         return [e[1] for e in chosen]
 
+    def pending(self) -> list[tuple[int, Any, int]]:
+        """Buffered (arrival order, item, length) entries, oldest first: what a checkpoint must keep."""
+        return list(self._pending)
+
+    def restore(self, pending: list[tuple[int, Any, int]]) -> None:
+        """Refill the window from `pending()` output (resuming a run)."""
+        self._pending = sorted(pending, key=lambda e: e[0])
+        self._arrivals = max([self._arrivals] + [e[0] + 1 for e in self._pending])
+
     def flush(self) -> Iterator[list[Any]]:
         """Emit every pending item (end of stream / epoch)."""
         while self._pending:

@@ -17,6 +17,7 @@ from functools import lru_cache
 import torch
 
 from cosmos_train.config.schema import GENERATION_MODES, GeneratorConfig
+from cosmos_train.data.packing import sample_token_count
 from cosmos_train.objectives.flow_matching import (
     flow_match_target,
     masked_mse,
@@ -65,6 +66,7 @@ class NoisedSample:
     fps: float
     mode: str
     dropped_text: bool
+    source: str = ""
 
     @property
     def timestep(self) -> float:
@@ -134,8 +136,12 @@ class GeneratorObjective:
         return NoisedSample(
             input_ids=list(uncond_ids if dropped else cond_ids), x0=x0, noise=noise,
             xt=noise_latent_frames(x0, noise, sigma, clean), sigma=sigma, clean_frames=clean, fps=item.fps,
-            mode=mode, dropped_text=dropped,
+            mode=mode, dropped_text=dropped, source=item.source,
         )
+
+    def token_count(self, item: NoisedSample) -> int:
+        """Sequence length of a drawn sample (what packing budgets)."""
+        return sample_token_count(len(item.input_ids), item.x0.shape, self.model.geometry.latent_patch_size)
 
     # ---- 3. loss ----------------------------------------------------------------------------------
     def loss(self, batch: list[NoisedSample], packed: bool = False) -> tuple[torch.Tensor, StepInfo]:

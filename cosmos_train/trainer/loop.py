@@ -26,6 +26,7 @@ from cosmos_train.models import load_model, local_checkpoint_dir
 from cosmos_train.objectives import build_objective
 from cosmos_train.trainer import checkpoint as ckpt
 from cosmos_train.trainer.inputs import SkipMarking, build_pixel_dataset, cache_location, open_cache
+from cosmos_train.trainer.batching import MicroBatcher
 from cosmos_train.trainer.adapters import load_trainable_state_dict, setup_trainable, trainable_state_dict
 from cosmos_train.trainer.metrics import MetricsLogger
 from cosmos_train.trainer.optim import build_optimizer
@@ -89,79 +90,70 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
     else:
         dataset, encode = SkipMarking(pixel_dataset, cfg.data.skip_bad_samples), objective.encode
 
-    step, consumed = 0, 0
-    skipped_sources: set[str] = set()
-    if resume:
-        found = ckpt.list_checkpoints(run_dir)
-        if found:
-            weights, state, torch_state = ckpt.load_checkpoint(found[-1])
-            if len(state["samples_consumed"]) != accelerator.num_processes:
-                raise UserError(
-                    f"{found[-1]} was written by a run of {len(state['samples_consumed'])} process(es) and this "
-                    f"run has {accelerator.num_processes}: resume with the same number of processes (the data "
-                    "position and noise RNG are stored per rank)"
-                )
-            load_trainable_state_dict(model.transformer, cfg.train.method, weights)
-            optimizer.load_state_dict(torch_state["optimizer"])
-            lr_scheduler.load_state_dict(torch_state["lr_scheduler"])
-            objective.load_state_dict(torch_state["objective"][accelerator.process_index])
-            step, consumed = state["step"], state["samples_consumed"][accelerator.process_index]
-            skips.load_state_dict(state.get("skips", {}))
-            skipped_sources = set(state.get("skipped_sources", []))
-            if is_main:
-                print(f"resuming from {found[-1]} (step {step})")
+    # ---- resume --------------------------------------------------------------------------------
+    step, resumed = 0, None
+    if resume and ckpt.list_checkpoints(run_dir):
+        found = ckpt.list_checkpoints(run_dir)[-1]
+        weights, state, torch_state = ckpt.load_checkpoint(found)
+        ranks = torch_state["ranks"]
+        if len(ranks) != accelerator.num_processes:
+            raise UserError(
+                f"{found} was written by a run of {len(ranks)} process(es) and this run has "
+                f"{accelerator.num_processes}: resume with the same number of processes (the data position and "
+                "noise RNG are stored per rank)"
+            )
+        load_trainable_state_dict(model.transformer, cfg.train.method, weights)
+        optimizer.load_state_dict(torch_state["optimizer"])
+        lr_scheduler.load_state_dict(torch_state["lr_scheduler"])
+        resumed = ranks[accelerator.process_index]
+        objective.load_state_dict(resumed["objective"])
+        step = state["step"]
+        skips.load_state_dict(state.get("skips", {}))
+        if is_main:
+            print(f"resuming from {found} (step {step})")
 
     # The lr scheduler is not prepared: Accelerate would step it once per process.
     forward_module, optimizer = accelerator.prepare(model.transformer, optimizer)
     model.forward_module = forward_module
+    if cfg.train.packing.enabled:
+        model.install_packed_attention()
+    consumed = resumed["batcher"]["consumed"] if resumed else 0
     sampler = ResumableSampler(len(dataset), shuffle=cfg.data.shuffle, seed=cfg.train.seed,
                                rank=accelerator.process_index, world_size=accelerator.num_processes, start=consumed)
-    # Sources this rank can ever be given (all when shuffling, a fixed shard otherwise): once all of them
-    # proved bad, stop. Comparing with the whole dataset never fires on one rank of many without shuffle.
-    # (Only decoded samples can turn out bad; a latent cache holds good ones only.)
-    reachable = set() if cache_index is not None else {
-        pixel_dataset.records[i].source for i in (range(len(dataset)) if cfg.data.shuffle else sampler.epoch_order(0))}
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=None, collate_fn=None, num_workers=cfg.data.num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
-    stream = iter(loader)
-
+    # Sources this rank can ever be given (all when shuffling, a fixed shard otherwise): once all of them
+    # proved unusable, stop rather than loop forever.
+    sources = [e["source"] for e in cache_index["samples"]] if cache_index else [r.source for r in pixel_dataset.records]
+    reachable = {sources[i] for i in (range(len(sources)) if cfg.data.shuffle else sampler.epoch_order(0))}
+    batcher = MicroBatcher(iter(loader), encode, objective, cfg, skips, reachable,
+                           skipped_sources=set(state.get("skipped_sources", [])) if resumed else None)
+    if resumed:
+        batcher.load_rank_state(resumed["batcher"])
     metrics = MetricsLogger(run_dir, cfg.logging, json.loads(json.dumps(_plain(cfg))), enabled=is_main)
-    micro_steps = cfg.train.batch_size * cfg.train.grad_accum_steps
 
     # ---- loop ----------------------------------------------------------------------------------
     model.transformer.train()
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
     first_loss = None
-
-    def next_good_sample():
-        nonlocal consumed
-        while True:
-            sample = next(stream)
-            consumed += 1
-            if not (isinstance(sample, dict) and "skipped" in sample):
-                return sample
-            if sample["source"] not in skipped_sources:  # count each bad sample once, not once per epoch
-                skipped_sources.add(sample["source"])
-                skips.add(sample["skipped"], sample["source"], sample["message"])
-            if reachable <= skipped_sources:
-                raise UserError(f"every sample in {cfg.data.manifest} is unusable:\n{skips.summary()}")
-
     accum = cfg.train.grad_accum_steps
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
-        total_loss, modes, data_time = 0.0, {}, 0.0
+        total_loss, modes, data_time, samples, tokens = 0.0, {}, 0.0, 0, 0
         for micro in range(accum):
             t_data = time.perf_counter()
-            batch = [objective.draw(encode(next_good_sample())) for _ in range(cfg.train.batch_size)]
+            batch = batcher.next()
             data_time += time.perf_counter() - t_data
             ctx = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(forward_module)
             with ctx:
-                loss, info = objective.loss(batch)
+                loss, info = objective.loss(batch, packed=cfg.train.packing.enabled)
                 accelerator.backward(loss / accum)
             total_loss += float(loss.detach())
+            samples += len(batch)
+            tokens += MicroBatcher.tokens(batch, objective)
             for mode, n in info.modes.items():
                 modes[mode] = modes.get(mode, 0) + n
         grad_norm = None
@@ -181,15 +173,17 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
         dt = time.perf_counter() - t0
         lr = lr_scheduler.get_last_lr()[0]
         metrics.log(step, {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
-                           "samples_per_s": micro_steps * accelerator.num_processes / dt, "data_time_s": data_time,
-                           "modes": modes})
+                           "data_time_s": data_time, "samples": samples, "tokens": tokens,
+                           "samples_per_s": samples * accelerator.num_processes / dt,
+                           "tokens_per_s": tokens * accelerator.num_processes / dt, "modes": modes})
         if step % cfg.train.log_every == 0 or step == 1:
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", it_s=f"{1 / dt:.1f}")
         bar.update(1)
 
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
-            _save(accelerator, run_dir, step, model, cfg, optimizer, lr_scheduler, objective, consumed,
-                  {"skips": skips.state_dict(), "skipped_sources": sorted(skipped_sources)})
+            _save(accelerator, run_dir, step, model, cfg, optimizer, lr_scheduler,
+                  rank_state={"objective": objective.state_dict(), "batcher": batcher.rank_state()},
+                  json_state={"skips": skips.state_dict(), "skipped_sources": sorted(batcher.skipped_sources)})
     bar.close()
     metrics.close()
 
@@ -205,19 +199,19 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
     return run_dir
 
 
-def _save(accelerator, run_dir, step, model, cfg, optimizer, lr_scheduler, objective, consumed, data_state) -> None:
-    consumed_all = accelerator.gather_for_metrics(torch.tensor([consumed], device=accelerator.device)).tolist()
-    objective_states = [objective.state_dict()]
+def _save(accelerator, run_dir, step, model, cfg, optimizer, lr_scheduler, rank_state: dict,
+          json_state: dict) -> None:
+    ranks = [rank_state]
     if accelerator.num_processes > 1:
-        gathered = [None] * accelerator.num_processes
-        torch.distributed.all_gather_object(gathered, objective.state_dict())
-        objective_states = gathered
+        ranks = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(ranks, rank_state)
     if accelerator.is_main_process:
         ckpt.save_checkpoint(
             run_dir, step, trainable_state_dict(model.transformer, cfg.train.method),
-            extra_state={"samples_consumed": consumed_all, "method": cfg.train.method, **data_state},
+            extra_state={"samples_consumed": [r["batcher"]["consumed"] for r in ranks], "method": cfg.train.method,
+                         **json_state},
             torch_state={"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                         "objective": objective_states},
+                         "ranks": ranks},
             keep=cfg.train.keep_checkpoints,
         )
     accelerator.wait_for_everyone()

@@ -1,0 +1,77 @@
+"""Sample stream -> micro-batches: `train.batch_size` samples, or one token-budget pack.
+
+Owns the bookkeeping a resumed run needs: how many samples this rank consumed, which sources proved
+bad (counted once, not once per epoch), and the drawn samples still waiting in the packer's window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+from cosmos_train.data.packing import StreamingPacker
+from cosmos_train.errors import UserError
+
+
+class MicroBatcher:
+    def __init__(self, stream, encode, objective, cfg, skips, reachable: set[str], consumed: int = 0,
+                 skipped_sources: set[str] | None = None):
+        self.stream, self.encode, self.objective = stream, encode, objective
+        self.cfg, self.skips, self.reachable = cfg, skips, reachable
+        self.consumed = consumed
+        self.skipped_sources = skipped_sources or set()
+        packing = cfg.train.packing
+        self.packer = (StreamingPacker(packing.max_tokens, packing.lookahead, on_oversize=self._oversize)
+                       if packing.enabled else None)
+
+    def _unusable(self, source: str, reason: str, message: str) -> None:
+        if source not in self.skipped_sources:  # count each bad sample once, not once per epoch
+            self.skipped_sources.add(source)
+            self.skips.add(reason, source, message)
+        if self.reachable <= self.skipped_sources:
+            raise UserError(f"every sample in {self.cfg.data.manifest} is unusable:\n{self.skips.summary()}")
+
+    def _oversize(self, item, length: int) -> None:
+        message = (f"{item.source}: {length} tokens exceed train.packing.max_tokens={self.packer.budget}; "
+                   "skipped (raise the budget or lower the resolution / frame count)")
+        if item.source not in self.skipped_sources:
+            warnings.warn(message, stacklevel=2)
+        self._unusable(item.source, "over_token_budget", message)
+
+    def _next_drawn(self):
+        while True:
+            sample = next(self.stream)
+            self.consumed += 1
+            if isinstance(sample, dict) and "skipped" in sample:
+                self._unusable(sample["source"], sample["skipped"], sample["message"])
+                continue
+            return self.objective.draw(self.encode(sample))
+
+    def next(self) -> list:
+        if self.packer is None:
+            return [self._next_drawn() for _ in range(self.cfg.train.batch_size)]
+        while not self.packer.ready():
+            item = self._next_drawn()
+            self.packer.add(item, self.objective.token_count(item))
+        return self.packer.pop_pack()
+
+    # ---- checkpoint state ------------------------------------------------------------------------
+    def rank_state(self) -> dict:
+        """This rank's position: samples consumed and the drawn samples still buffered for packing."""
+        pending = [] if self.packer is None else [
+            {"order": order, "length": length, "item": dataclasses.asdict(item)}
+            for order, item, length in self.packer.pending()]
+        return {"consumed": self.consumed, "pending": pending}
+
+    def load_rank_state(self, state: dict) -> None:
+        from cosmos_train.objectives.generator import NoisedSample
+
+        self.consumed = state["consumed"]
+        if self.packer is not None:
+            self.packer.restore([(e["order"], NoisedSample(**e["item"]), e["length"]) for e in state["pending"]])
+
+    @staticmethod
+    def tokens(batch, objective) -> int:
+        return sum(objective.token_count(item) for item in batch)
