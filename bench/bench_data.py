@@ -35,7 +35,8 @@ from cosmos_train.models import load_model  # noqa: E402
 from cosmos_train.models.tiny import make_tiny  # noqa: E402
 from cosmos_train.objectives import build_objective  # noqa: E402
 from cosmos_train.prepare import prepare  # noqa: E402
-from cosmos_train.trainer.inputs import SkipMarking, build_pixel_dataset, cache_location  # noqa: E402
+from cosmos_train.data import MarkBadSamples  # noqa: E402
+from cosmos_train.trainer.inputs import build_data, cache_location  # noqa: E402
 
 # The Wan2.2 (TI2V-5B) VAE as diffusers' conversion script configures it.
 WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
@@ -69,9 +70,9 @@ def bench_cache_vs_online(root: Path, quick: bool) -> dict:
     prepare(cfg, device="cpu")
     prepare_s = time.perf_counter() - t0
 
-    dataset = build_pixel_dataset(cfg, SkipCounter())
+    dataset = build_data(cfg, SkipCounter()).dataset
     objective = build_objective(cfg, load_model(cfg, for_encoding=True), seed=0)
-    online = SkipMarking(dataset, False)
+    online = MarkBadSamples(dataset, False)
     n = len(dataset)
     t0 = time.perf_counter()
     for i in range(n):

@@ -13,16 +13,18 @@ import torch
 from tqdm.auto import tqdm
 
 from cosmos_train.config import RecipeConfig
-from cosmos_train.data import SkipCounter
+from cosmos_train.data import MarkBadSamples, SkipCounter
 from cosmos_train.data.latent_cache import LatentCacheWriter
 from cosmos_train.models import load_model, local_checkpoint_dir
 from cosmos_train.objectives import build_objective
-from cosmos_train.trainer.inputs import SkipMarking, build_pixel_dataset, cache_fingerprint, cache_location
+from cosmos_train.trainer.inputs import build_data, cache_fingerprint, cache_location
 
 
 def prepare(cfg: RecipeConfig, device: str | None = None) -> tuple[Path, SkipCounter]:
     skips = SkipCounter()
-    dataset = build_pixel_dataset(cfg, skips)
+    data = build_data(cfg, skips)
+    dataset = data.dataset
+    print(data.info.summary())
     checkpoint_dir = local_checkpoint_dir(cfg)
     fingerprint = cache_fingerprint(cfg, dataset, checkpoint_dir)
 
@@ -30,22 +32,24 @@ def prepare(cfg: RecipeConfig, device: str | None = None) -> tuple[Path, SkipCou
     model = load_model(cfg, for_encoding=True).to(device)
     objective = build_objective(cfg, model, seed=0)
 
-    loader = torch.utils.data.DataLoader(SkipMarking(dataset, cfg.data.skip_bad_samples), batch_size=None,
+    loader = torch.utils.data.DataLoader(MarkBadSamples(dataset, cfg.data.skip_bad_samples), batch_size=None,
                                          num_workers=cfg.data.num_workers, pin_memory=device == "cuda")
     writer = LatentCacheWriter(cache_location(cfg), fingerprint)
     try:
         bar = tqdm(loader, total=len(dataset), desc="prepare", dynamic_ncols=True,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        for sample in bar:
+        for index, sample in enumerate(bar):
             if "skipped" in sample:
                 skips.add(sample["skipped"], sample["source"], sample["message"])
                 writer.add_skipped(sample["source"], sample["skipped"], sample["message"])
                 continue
-            writer.add(objective.encode(sample))
+            item = objective.encode(sample)
+            record = dataset.records[index]
+            writer.add(item, [(c, objective.prompt_ids(c, item)) for c in record.caption_candidates])
         for reason, examples in skips.examples.items():  # manifest-level skips, for the training summary
             for source, message in examples:
                 if not any(s["source"] == source for s in writer.skipped):
-                    writer.add_skipped(source, reason, message)
+                    writer.add_skipped(source, reason, message, in_dataset=False)
         path = writer.finish()
     except BaseException:
         writer.abort()

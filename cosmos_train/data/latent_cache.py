@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 from cosmos_train.errors import UserError
 
 INDEX = "index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def _hash_file(path: Path, h) -> None:
@@ -75,20 +76,29 @@ class LatentCacheWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._shard = 0
 
-    def add(self, item) -> None:
-        """`item`: a LatentSample (cosmos_train.objectives.generator)."""
+    def add(self, item, captions: list[tuple[str, list[int]]] | None = None) -> None:
+        """`item`: a LatentSample (cosmos_train.objectives.generator); `captions`: every caption of the
+        record with its prompt ids, when it has several (one is drawn per epoch at training time)."""
         key = f"s{len(self.entries)}"
+        captions = captions or [(item.caption, item.cond_ids)]
         self._pending[f"{key}.latent"] = item.latent.float().contiguous()
-        self._pending[f"{key}.cond_ids"] = torch.tensor(item.cond_ids, dtype=torch.int64)
+        for j, (_, ids) in enumerate(captions):
+            self._pending[f"{key}.cond_ids.{j}"] = torch.tensor(ids, dtype=torch.int64)
         self._pending[f"{key}.uncond_ids"] = torch.tensor(item.uncond_ids, dtype=torch.int64)
-        self.entries.append({"key": key, "shard": f"shard-{self._shard:05d}.safetensors", "caption": item.caption,
+        self.entries.append({"key": key, "shard": f"shard-{self._shard:05d}.safetensors",
+                             "captions": [c for c, _ in captions],
                              "fps": item.fps, "num_frames": item.num_frames, "height": item.height,
                              "width": item.width, "source": item.source})
-        if len(self._pending) >= 3 * self.shard_size:
+        if len(self.entries) % self.shard_size == 0:
             self._flush()
 
-    def add_skipped(self, source: str, reason: str, message: str) -> None:
-        self.skipped.append({"source": source, "reason": reason, "message": message})
+    def add_skipped(self, source: str, reason: str, message: str, in_dataset: bool = True) -> None:
+        """A bad sample. `in_dataset`: it holds a dataset index (an entry keeps cache and dataset indices
+        aligned); manifest lines dropped before the dataset was built only go into the report."""
+        record = {"source": source, "reason": reason, "message": message}
+        self.skipped.append(record)
+        if in_dataset:
+            self.entries.append({"skipped": reason, "source": source, "message": message})
 
     def _flush(self) -> None:
         if self._pending:
@@ -140,8 +150,9 @@ def check_cache(cache_dir: Path, fingerprint: dict, recipe: str = "RECIPE") -> d
 class LatentCacheDataset(torch.utils.data.Dataset):
     """Map-style dataset over a prepared cache; items are `LatentSample`s (memory-mapped reads)."""
 
-    def __init__(self, cache_dir: Path, index: dict):
+    def __init__(self, cache_dir: Path, index: dict, caption_seed: int = 0):
         self.cache_dir = Path(cache_dir)
+        self.caption_seed = caption_seed
         self.entries = index["samples"]
         self.skipped = index.get("skipped", [])
         self._handles: dict[str, object] = {}
@@ -154,14 +165,23 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             self._handles[shard] = safe_open(str(self.cache_dir / shard), framework="pt")
         return self._handles[shard]
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        """`key`: an index, or a `SampleKey(index, epoch)` (the epoch picks among several captions)."""
+        from cosmos_train.data.manifest import caption_for
         from cosmos_train.objectives.generator import LatentSample
 
+        index, epoch = (key, 0) if isinstance(key, int) else (key[0], key[1])
         e = self.entries[index]
+        if "skipped" in e:  # counted by the trainer, like a bad sample met online
+            return {"skipped": e["skipped"], "source": e["source"], "message": e["message"]}
         f = self._open(e["shard"])
+        captions = e["captions"]
+        caption = caption_for(SimpleNamespace(caption_candidates=tuple(captions), source=e["source"]), epoch,
+                              self.caption_seed)
+        j = captions.index(caption)
         return LatentSample(
-            latent=f.get_tensor(f"{e['key']}.latent"), cond_ids=f.get_tensor(f"{e['key']}.cond_ids").tolist(),
-            uncond_ids=f.get_tensor(f"{e['key']}.uncond_ids").tolist(), caption=e["caption"], fps=e["fps"],
+            latent=f.get_tensor(f"{e['key']}.latent"), cond_ids=f.get_tensor(f"{e['key']}.cond_ids.{j}").tolist(),
+            uncond_ids=f.get_tensor(f"{e['key']}.uncond_ids").tolist(), caption=caption, fps=e["fps"],
             num_frames=e["num_frames"], height=e["height"], width=e["width"], source=e["source"],
         )
 

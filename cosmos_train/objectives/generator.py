@@ -107,6 +107,10 @@ class GeneratorObjective:
                             caption=sample["caption"], fps=fps, num_frames=num_frames, height=height,
                             width=width, source=sample.get("source", ""))
 
+    def prompt_ids(self, caption: str, item: LatentSample) -> list[int]:
+        """The pipeline's prompt ids for another caption of the same sample (same shape and fps)."""
+        return list(self._tokenize(caption, item.num_frames, item.height, item.width, item.fps)[0])
+
     # ---- 2. draw (random) -------------------------------------------------------------------------
     def _uniform(self) -> float:
         return float(torch.rand((), generator=self.generator))

@@ -11,6 +11,7 @@ import warnings
 
 import torch
 
+from cosmos_train.data import DecodeLog
 from cosmos_train.data.packing import StreamingPacker
 from cosmos_train.errors import UserError
 
@@ -22,6 +23,7 @@ class MicroBatcher:
         self.cfg, self.skips, self.reachable = cfg, skips, reachable
         self.consumed = consumed
         self.skipped_sources = skipped_sources or set()
+        self.decode_log = DecodeLog()  # what decoding did to each source's fps / length / size
         packing = cfg.train.packing
         self.packer = (StreamingPacker(packing.max_tokens, packing.lookahead, on_oversize=self._oversize)
                        if packing.enabled else None)
@@ -47,6 +49,8 @@ class MicroBatcher:
             if isinstance(sample, dict) and "skipped" in sample:
                 self._unusable(sample["source"], sample["skipped"], sample["message"])
                 continue
+            if isinstance(sample, dict):
+                self.decode_log.add(sample.get("decode"))
             return self.objective.draw(self.encode(sample))
 
     def next(self) -> list:

@@ -5,40 +5,20 @@ Shared by `train` and `prepare` so both agree on the dataset, the cache location
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
-import torch
-
 from cosmos_train.config import RecipeConfig
-from cosmos_train.data import GeneratorDataset, SkipCounter, read_manifest
+from cosmos_train.data import GeneratorDataset, SkipCounter
+from cosmos_train.data.build import GeneratorData, build_generator_data
 from cosmos_train.data.latent_cache import check_cache, data_fingerprint, hash_directory
-from cosmos_train.errors import BadSampleError, UserError
+from cosmos_train.errors import UserError
 
 
-class SkipMarking(torch.utils.data.Dataset):
-    """Turns a bad sample into a marker the main process counts (worker processes cannot share a counter)."""
-
-    def __init__(self, dataset, skip_bad: bool):
-        self.dataset, self.skip_bad = dataset, skip_bad
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        try:
-            return self.dataset.load(index)
-        except BadSampleError as err:
-            if not self.skip_bad:
-                raise
-            return {"skipped": err.reason, "source": self.dataset.records[index].source, "message": str(err)}
-
-
-def build_pixel_dataset(cfg: RecipeConfig, skips: SkipCounter) -> GeneratorDataset:
-    records = read_manifest(cfg.data.manifest, skip_bad=cfg.data.skip_bad_samples, counter=skips)
-    if not records:
-        raise UserError(f"data.manifest: {cfg.data.manifest} has no usable samples")
-    height, width = cfg.pixel_size()
-    return GeneratorDataset(records, num_frames=cfg.data.num_frames, height=height, width=width, fps=cfg.data.fps)
+def build_data(cfg: RecipeConfig, skips: SkipCounter, rank: int = 0, world_size: int = 1) -> GeneratorData:
+    """Every source read, records bucketed and mixed; bad records counted in `skips` (or raised)."""
+    return build_generator_data(cfg, rank, world_size, counter=skips)
 
 
 def cache_location(cfg: RecipeConfig) -> Path:
@@ -46,15 +26,16 @@ def cache_location(cfg: RecipeConfig) -> Path:
 
 
 def cache_fingerprint(cfg: RecipeConfig, dataset: GeneratorDataset, checkpoint_dir: Path) -> dict:
-    """Everything that decides what the cache holds."""
-    height, width = cfg.pixel_size()
+    """Everything that decides what the cache holds (per-sample sizes follow from the data + buckets)."""
     return {
         "data": data_fingerprint(dataset.records),
         "vae": hash_directory(checkpoint_dir / "vae"),
         "tokenizer": hash_directory(checkpoint_dir / "text_tokenizer"),
         "vae_dtype": cfg.model.vae_dtype,
         "resolution": cfg.data.resolution,
-        "size": [height, width],
+        "sizes": hashlib.sha256(json.dumps([dataset.size_of(i) for i in range(len(dataset))]).encode()).hexdigest()[:16],
+        "short_clips": cfg.data.short_clips,
+        "caption_seed": dataset.seed,
         "num_frames": cfg.data.num_frames,
         "fps": cfg.data.fps,
         "use_system_prompt": cfg.generator.use_system_prompt,

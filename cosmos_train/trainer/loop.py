@@ -18,14 +18,13 @@ from tqdm.auto import tqdm
 
 from cosmos_train.config import RecipeConfig, save_recipe
 from cosmos_train.config.load import recipe_to_yaml
-from cosmos_train.data import SkipCounter
+from cosmos_train.data import MarkBadSamples, SkipCounter
 from cosmos_train.data.latent_cache import LatentCacheDataset
-from cosmos_train.data.sampler import ResumableSampler
 from cosmos_train.errors import UserError
 from cosmos_train.models import load_model, local_checkpoint_dir
 from cosmos_train.objectives import build_objective
 from cosmos_train.trainer import checkpoint as ckpt
-from cosmos_train.trainer.inputs import SkipMarking, build_pixel_dataset, cache_location, open_cache
+from cosmos_train.trainer.inputs import build_data, cache_location, open_cache
 from cosmos_train.trainer.batching import MicroBatcher
 from cosmos_train.trainer.adapters import load_trainable_state_dict, setup_trainable, trainable_state_dict
 from cosmos_train.trainer.metrics import MetricsLogger
@@ -66,7 +65,10 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
 
     # ---- data (read before the model: bad manifests fail fast) --------------------------------
     skips = SkipCounter()
-    pixel_dataset = build_pixel_dataset(cfg, skips)
+    data = build_data(cfg, skips, accelerator.process_index, accelerator.num_processes)
+    if is_main:
+        print(data.info.summary())
+        (run_dir / "data_info.json").write_text(json.dumps(data.info.to_json(), indent=2, default=str))
 
     # ---- model and trainable weights --------------------------------------------------------
     model = load_model(cfg)
@@ -78,17 +80,16 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
     objective = build_objective(cfg, model, seed=cfg.train.seed + 1000 * accelerator.process_index)
 
     # A prepared latent cache replaces decoding and VAE encoding; without one, samples are encoded online.
-    cache_index = open_cache(cfg, pixel_dataset, local_checkpoint_dir(cfg), recipe_path)
+    cache_index = open_cache(cfg, data.dataset, local_checkpoint_dir(cfg), recipe_path)
     if cache_index is not None:
-        dataset, encode = LatentCacheDataset(cache_location(cfg), cache_index), (lambda item: item)
-        counted = {src for examples in skips.examples.values() for src, _ in examples}
-        for bad in cache_index["skipped"]:
-            if bad["source"] not in counted:
-                skips.add(bad["reason"], bad["source"], bad["message"])
+        dataset = LatentCacheDataset(cache_location(cfg), cache_index, caption_seed=data.dataset.seed)
+        encode = lambda item: item  # noqa: E731
         if is_main:
             print(f"using latent cache {cache_location(cfg)} ({len(dataset)} samples)")
+        if len(dataset) != len(data.dataset):
+            raise UserError(f"latent cache at {cache_location(cfg)} does not match the data; re-run prepare")
     else:
-        dataset, encode = SkipMarking(pixel_dataset, cfg.data.skip_bad_samples), objective.encode
+        dataset, encode = MarkBadSamples(data.dataset, cfg.data.skip_bad_samples), objective.encode
 
     # ---- resume --------------------------------------------------------------------------------
     step, resumed = 0, None
@@ -117,17 +118,16 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
     model.forward_module = forward_module
     if cfg.train.packing.enabled:
         model.install_packed_attention()
-    consumed = resumed["batcher"]["consumed"] if resumed else 0
-    sampler = ResumableSampler(len(dataset), shuffle=cfg.data.shuffle, seed=cfg.train.seed,
-                               rank=accelerator.process_index, world_size=accelerator.num_processes, start=consumed)
+    sampler = data.sampler
+    sampler.start = resumed["batcher"]["consumed"] if resumed else 0
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=None, collate_fn=None, num_workers=cfg.data.num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
     # Sources this rank can ever be given (all when shuffling, a fixed shard otherwise): once all of them
     # proved unusable, stop rather than loop forever.
-    sources = [e["source"] for e in cache_index["samples"]] if cache_index else [r.source for r in pixel_dataset.records]
-    reachable = {sources[i] for i in (range(len(sources)) if cfg.data.shuffle else sampler.epoch_order(0))}
+    sources = [e["source"] for e in cache_index["samples"]] if cache_index else [r.source for r in data.dataset.records]
+    reachable = {sources[k.index] for k in sampler.epoch_order(0)} if not cfg.data.shuffle else set(sources)
     batcher = MicroBatcher(iter(loader), encode, objective, cfg, skips, reachable,
                            skipped_sources=set(state.get("skipped_sources", [])) if resumed else None)
     if resumed:
@@ -192,6 +192,9 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
         summary = {"steps": step, "first_loss": first_loss, "final_checkpoint": str(ckpt.list_checkpoints(run_dir)[-1]),
                    "skipped": skips.by_reason}
         (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        if len(batcher.decode_log):
+            batcher.decode_log.write(run_dir / "data_log.jsonl")
+            print(batcher.decode_log.summary())
         if skips.total:
             print(skips.summary())
     accelerator.wait_for_everyone()
