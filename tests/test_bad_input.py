@@ -88,3 +88,17 @@ def test_unknown_checkpoint_path_and_offline_hub_id(manifest_with, tiny_dir, tmp
     err = capsys.readouterr().err
     assert "could not load Cosmos 3 checkpoint 'nvidia/Cosmos3-Nano-does-not-exist'" in err
     assert "Traceback" not in err
+
+
+def test_samples_over_the_packing_budget_are_skipped_by_name_never_looping(tiny_dir, tmp_path, capsys):
+    # Videos here need 106-126 tokens, images 71-74: a 100-token budget keeps only the images.
+    common = [f"model.pretrained={tiny_dir}", f"data.manifest={SAMPLES}", "generator.text_dropout=0",
+              "train.max_steps=2", "train.checkpoint_every=2", "train.packing.lookahead=4"]
+    with pytest.warns(UserWarning, match=r"manifest.jsonl:\d+: \d+ tokens exceed train.packing.max_tokens=100"):
+        assert main(["train", RECIPE, *common, f"output_dir={tmp_path / 'a'}", "train.packing.max_tokens=100"]) == 0
+    summary = json.loads((tmp_path / "a" / "run_summary.json").read_text())
+    assert summary["skipped"] == {"over_token_budget": 6} and summary["steps"] == 2
+    # Nothing fits: a clear error instead of an endless search for a sample that fits.
+    with pytest.warns(UserWarning):
+        assert main(["train", RECIPE, *common, f"output_dir={tmp_path / 'b'}", "train.packing.max_tokens=50"]) == 2
+    assert "every sample" in capsys.readouterr().err

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from cosmos_train.config import schema as S
 from cosmos_train.errors import UserError
@@ -19,7 +25,7 @@ from cosmos_train.errors import UserError
 
 def _omegaconf_error(where: str, err: OmegaConfBaseException) -> UserError:
     key = getattr(err, "full_key", None) or "?"
-    if isinstance(err, ConfigKeyError):
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         return UserError(f"{where}: unknown key '{key}'" + (f" (not a field of '{parent}')" if parent else ""))
     if isinstance(err, MissingMandatoryValue):
@@ -46,14 +52,20 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _parse_overrides(overrides: list[str]):
+def _parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
+    """`key.path=value` pairs; values are read as YAML (numbers, booleans, lists), keys may index lists
+    (`data.sources.0.weight=2`)."""
+    parsed = []
     for item in overrides:
-        if "=" not in item or item.startswith("="):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
             raise UserError(f"override '{item}' is not of the form key.path=value")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise UserError(f"could not parse overrides {overrides}: {err}") from None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> S.RecipeConfig:
@@ -65,13 +77,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> S.Recip
         merged = OmegaConf.merge(base, OmegaConf.create(_read_yaml(path)))
         if overrides:
             where = f"{path} (with overrides)"
-            merged = OmegaConf.merge(merged, _parse_overrides(overrides))
+            for key, value in _parse_overrides(overrides):
+                OmegaConf.update(merged, key, value, merge=True)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise UserError(f"{where}: missing required value(s): {', '.join(missing)}")
         cfg: S.RecipeConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _omegaconf_error(where, err) from None
+    except (TypeError, IndexError) as err:  # e.g. indexing past the end of a list in an override
+        raise UserError(f"{where}: cannot apply overrides {overrides}: {err}") from None
     _resolve_paths(cfg, path.parent)
     validate(cfg, where)
     return cfg
