@@ -1,7 +1,8 @@
 """The training loop, top to bottom: setup -> data -> trainable weights -> loop -> save.
 
-Runs one process or many (torchrun / accelerate launch) through Accelerate. The generator's
-transformer takes one sample per forward, so a micro-step is `train.batch_size` forwards.
+Runs one process or many (torchrun / accelerate launch) through Accelerate. A micro-step is one pack
+of samples sharing a transformer forward (`train.packing`), or `train.batch_size` single-sample forwards;
+`train.grad_accum_steps` micro-steps make an optimizer step.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import time
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,9 +25,9 @@ from cosmos_train.errors import UserError
 from cosmos_train.models import load_model, local_checkpoint_dir
 from cosmos_train.objectives import build_objective
 from cosmos_train.trainer import checkpoint as ckpt
-from cosmos_train.trainer.inputs import build_data, cache_location, open_cache
-from cosmos_train.trainer.batching import MicroBatcher
 from cosmos_train.trainer.adapters import load_trainable_state_dict, setup_trainable, trainable_state_dict
+from cosmos_train.trainer.batching import MicroBatcher
+from cosmos_train.trainer.inputs import build_data, cache_location, open_cache
 from cosmos_train.trainer.metrics import MetricsLogger
 from cosmos_train.trainer.optim import build_optimizer
 
@@ -121,8 +122,9 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
     sampler = data.sampler
     sampler.start = resumed["batcher"]["consumed"] if resumed else 0
     loader = torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=None, collate_fn=None, num_workers=cfg.data.num_workers,
-        pin_memory=accelerator.device.type == "cuda",
+        dataset, sampler=sampler, batch_size=None, num_workers=cfg.data.num_workers,
+        pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
+        prefetch_factor=4 if cfg.data.num_workers > 0 else None,
     )
     # Sources this rank can ever be given (all when shuffling, a fixed shard otherwise): once all of them
     # proved unusable, stop rather than loop forever.
