@@ -40,12 +40,40 @@ def _cmd_prepare(args) -> None:
 
 
 def _cmd_export(args) -> None:
+    from cosmos_train.config import load_saved_recipe
+
+    recipe = Path(args.run_dir) / "recipe.yaml"
+    if not recipe.is_file():
+        raise UserError(f"{args.run_dir} is not a cosmos_train run directory (no recipe.yaml)")
+    if load_saved_recipe(recipe).objective == "reasoner":
+        from cosmos_train.export.reasoner import export_reasoner_run
+
+        if args.lora_only:
+            raise UserError("--lora-only is for generator runs; a reasoner export is merged (add --unified for "
+                            "the unified checkpoint)")
+        info = export_reasoner_run(args.run_dir, args.out_dir, step=args.step, unified=args.unified)
+        kind = "unified Cosmos 3 checkpoint" if args.unified else "transformers model"
+        print(f"exported {kind} from {info['checkpoint']} to {args.out_dir} "
+              f"(verified: max relative difference {info['verification_max_relative_difference']:.2e})")
+        return
     from cosmos_train.export.generator import export_run
 
+    if args.unified:
+        raise UserError("--unified is for reasoner runs; a generator export is already a full pipeline directory")
     info = export_run(args.run_dir, args.out_dir, step=args.step, lora_only=args.lora_only)
     kind = "LoRA adapter" if args.lora_only else "pipeline (LoRA merged)" if info["method"] == "lora" else "pipeline"
     print(f"exported {kind} from {info['checkpoint']} to {args.out_dir} "
           f"(verified: max relative difference {info['verification_max_relative_difference']:.2e})")
+
+
+def _cmd_chat(args) -> None:
+    from cosmos_train.chat import chat
+
+    answer = chat(args.model_dir, args.question, images=args.image, videos=args.video, reasoning=args.reasoning,
+                  greedy=args.greedy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_p=args.top_p, top_k=args.top_k, presence_penalty=args.presence_penalty,
+                  video_fps=args.video_fps, seed=args.seed, device=args.device)
+    print(answer)
 
 
 def _cmd_generate(args) -> None:
@@ -89,8 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--lora-only", action="store_true", help="write only the adapter (diffusers LoRA format)")
+    p.add_argument("--lora-only", action="store_true", help="generator: write only the adapter (diffusers LoRA format)")
+    p.add_argument("--unified", action="store_true",
+                   help="reasoner: write the unified checkpoint (base with its language weights replaced)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("chat", help="ask a (finetuned) reasoner about images / videos")
+    p.add_argument("model_dir", help="a reasoner export, a unified checkpoint, a hub id or `tiny`")
+    p.add_argument("question")
+    p.add_argument("--image", action="append", default=[], help="an image path (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="a video path (repeatable)")
+    p.add_argument("--reasoning", action="store_true", help="explicit reasoning (<think>) and its sampling defaults")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of the documented sampling")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--presence-penalty", type=float, default=None)
+    p.add_argument("--video-fps", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("generate", help="generate a video with a pipeline directory and write an MP4")
     p.add_argument("pipeline_dir")

@@ -15,12 +15,15 @@ from tqdm.auto import tqdm
 from cosmos_train.config import RecipeConfig
 from cosmos_train.data import MarkBadSamples, SkipCounter
 from cosmos_train.data.latent_cache import LatentCacheWriter
+from cosmos_train.errors import UserError
 from cosmos_train.models import load_model, local_checkpoint_dir
 from cosmos_train.objectives import build_objective
 from cosmos_train.trainer.inputs import build_data, cache_fingerprint, cache_location
 
 
 def prepare(cfg: RecipeConfig, device: str | None = None) -> tuple[Path, SkipCounter]:
+    if cfg.objective != "generator":
+        raise UserError(f"prepare caches generator latents; a '{cfg.objective}' recipe trains from its data directly")
     skips = SkipCounter()
     data = build_data(cfg, skips)
     dataset = data.dataset

@@ -287,3 +287,77 @@ def test_scheduler_is_flow_unipc(pipe):
     sigmas = sched.sigmas.tolist()
     assert sigmas[0] > 0.95 and sigmas[-1] == 0.0
     assert all(a > b for a, b in zip(sigmas, sigmas[1:]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The Reasoner's view: the same directory is a unified checkpoint transformers loads
+# ----------------------------------------------------------------------------------------------
+
+
+def test_root_is_a_unified_checkpoint_transformers_loads(tiny_dir, pipe):
+    from safetensors.torch import load_file
+    from transformers import Cosmos3OmniForConditionalGeneration
+
+    from cosmos_train.models.reasoner import hf_key_to_unified, is_generator_key, unified_key_to_hf
+
+    for rel in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
+                "video_preprocessor_config.json"):
+        assert (tiny_dir / rel).is_file(), rel
+    assert json.loads((tiny_dir / "config.json").read_text())["model_type"] == "cosmos3_omni"
+    model, info = Cosmos3OmniForConditionalGeneration.from_pretrained(tiny_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+    unified = load_file(tiny_dir / "model.safetensors")
+    diffusers_sd = pipe.transformer.state_dict()
+    # the root holds the transformer's tensors unchanged (und + gen pathway) plus the vision tower
+    for key, value in diffusers_sd.items():
+        assert torch.equal(unified[key], value), key
+    hf_sd = model.state_dict()
+    shared = 0
+    for key, value in hf_sd.items():
+        ukey = hf_key_to_unified(key)
+        assert unified_key_to_hf(ukey) == key
+        assert torch.equal(unified[ukey], value), key
+        if ukey in diffusers_sd:  # the language model IS the und pathway: same values in both libraries
+            assert torch.equal(diffusers_sd[ukey], value), key
+            shared += 1
+    cfg = pipe.transformer.config
+    per_layer = 4 + 2 + 3 + 2  # q/k/v/o, q/k norms, gate/up/down, input/post-attention norms
+    assert shared == cfg.num_hidden_layers * per_layer + 3  # + embed_tokens, norm, lm_head
+    assert torch.equal(hf_sd["model.language_model.layers.0.self_attn.q_proj.weight"],
+                       diffusers_sd["layers.0.self_attn.to_q.weight"])
+    assert torch.equal(hf_sd["model.language_model.layers.1.self_attn.k_norm.weight"],
+                       diffusers_sd["layers.1.self_attn.norm_k.weight"])
+    # generator keys are in the file and dropped by transformers
+    gen = [k for k in unified if is_generator_key(k)]
+    assert "layers.0.self_attn.add_q_proj.weight" in gen and "proj_in.weight" in gen
+    assert all(unified_key_to_hf(k) is None for k in gen)
+    assert set(unified) == {hf_key_to_unified(k) for k in hf_sd} | set(gen)
+    assert any(k.startswith("model.visual.deepstack_merger_list.") for k in hf_sd)
+
+    text = model.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.head_dim, text.intermediate_size, text.vocab_size) == (
+        cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+        cfg.intermediate_size, cfg.vocab_size)
+    assert text.rope_parameters["mrope_section"] == list(cfg.rope_axes_dim)
+    assert text.rope_parameters["rope_theta"] == cfg.rope_theta
+    tok = pipe.text_tokenizer
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert model.config.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")
+    assert model.config.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")
+
+
+def test_root_processor_files(tiny_dir, pipe):
+    from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    assert tok.get_vocab() == pipe.text_tokenizer.get_vocab()
+    assert tok.chat_template == pipe.text_tokenizer.chat_template
+    image_processor = AutoImageProcessor.from_pretrained(tiny_dir)
+    assert type(image_processor).__name__ == "Qwen2VLImageProcessorPil"  # no torchvision needed
+    assert (image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size) == (16, 2, 2)
+    gen = GenerationConfig.from_pretrained(tiny_dir)
+    assert (gen.temperature, gen.top_p, gen.top_k, gen.repetition_penalty) == (0.7, 0.8, 20, 1.0)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in gen.eos_token_id

@@ -119,6 +119,10 @@ def validate(cfg: S.RecipeConfig, where: str = "recipe") -> None:
     if cfg.objective not in S.AVAILABLE_OBJECTIVES:
         raise UserError(f"{where}: objective '{cfg.objective}' is not available in this version yet "
                         f"(available: {', '.join(S.AVAILABLE_OBJECTIVES)})")
+    if cfg.objective == "reasoner":
+        from cosmos_train.objectives.reasoner import validate_reasoner_recipe
+
+        validate_reasoner_recipe(cfg, where)
     _check(bool(cfg.output_dir.strip()), where, "output_dir", "a directory path", cfg.output_dir)
     _check(bool(cfg.model.pretrained.strip()), where, "model.pretrained", "a hub id or local directory",
            cfg.model.pretrained)

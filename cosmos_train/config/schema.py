@@ -11,7 +11,7 @@ from typing import List, Optional
 from omegaconf import MISSING
 
 OBJECTIVES = ("generator", "reasoner")
-AVAILABLE_OBJECTIVES = ("generator",)
+AVAILABLE_OBJECTIVES = ("generator", "reasoner")
 GENERATION_MODES = ("t2i", "t2v", "i2v", "v2v")
 SIGMA_SAMPLINGS = ("logit_normal", "uniform", "mode")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -198,9 +198,8 @@ class ReasonerConfig:
     max_seq_len: int = 8192  # tokens per conversation, image/video placeholders included
     truncate: bool = False  # longer: False -> bad sample (too_long); True -> cut (never inside an image/video)
     media: ReasonerMediaConfig = field(default_factory=ReasonerMediaConfig)
-    # --- batching: train.batch_size conversations per micro-step, packed into one padding-free sequence
-    packing: bool = True
-    max_packed_tokens: Optional[int] = None  # split a micro-batch into several packed forwards above this
+    # batching is train.packing's: with it on, a micro-step is one padding-free pack of conversations of at
+    # most train.packing.max_tokens tokens (keep it >= max_seq_len); off, train.batch_size unpacked forwards
     # --- what trains (lora / full / frozen per part; None: language follows train.method)
     language: Optional[str] = None  # the language model (q/k/v/o + MLP for LoRA; everything incl. lm_head for full)
     vision: str = "frozen"  # the vision tower's blocks (+ patch/pos embeddings when full)

@@ -8,7 +8,7 @@ from pathlib import Path
 from cosmos_train.config.schema import RecipeConfig
 
 TINY = "tiny"  # `model.pretrained: tiny` is the built-in tiny random-weight checkpoint
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"  # v2: unified checkpoint (root config.json for transformers)
 
 
 def cache_root() -> Path:
@@ -68,4 +68,19 @@ def load_model(cfg: RecipeConfig, *, for_encoding: bool = False):
             local_files_only=m.local_files_only, trust_remote_code=m.trust_remote_code,
             load_transformer=not for_encoding,
         )
+    if cfg.objective == "reasoner":
+        from cosmos_train.models.reasoner import load_reasoner
+
+        return load_reasoner(cfg)
     raise ValueError(f"no model adapter for objective {cfg.objective!r}")
+
+
+def adapter_class(cfg: RecipeConfig):
+    """The adapter class (for what must be known before loading, e.g. DDP settings)."""
+    if cfg.objective == "reasoner":
+        from cosmos_train.models.reasoner import Cosmos3Reasoner
+
+        return Cosmos3Reasoner
+    from cosmos_train.models.generator import Cosmos3Generator
+
+    return Cosmos3Generator

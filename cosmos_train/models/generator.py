@@ -105,6 +105,31 @@ class Cosmos3Generator:
     def transformer(self):
         return self.pipe.transformer
 
+    # ---- what trains (the interface the trainer uses for every model family) -------------------
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+
+    def setup_trainable(self, cfg) -> list:
+        """Optimizer parameter groups for the recipe (LoRA adapters or selected full parameters)."""
+        from cosmos_train.trainer.adapters import setup_trainable
+
+        return [{"params": setup_trainable(self.transformer, cfg.train)}]
+
+    def trainable_state_dict(self, cfg) -> dict:
+        from cosmos_train.trainer.adapters import trainable_state_dict
+
+        return trainable_state_dict(self.transformer, cfg.train.method)
+
+    def load_trainable_state_dict(self, cfg, weights: dict) -> None:
+        from cosmos_train.trainer.adapters import load_trainable_state_dict
+
+        load_trainable_state_dict(self.transformer, cfg.train.method, weights)
+
+    @staticmethod
+    def ddp_find_unused_parameters(cfg) -> bool:
+        # lm_head and the understanding pathway's last outputs do not feed the generator loss.
+        return cfg.train.method == "full"
+
     @property
     def vae(self):
         return self.pipe.vae

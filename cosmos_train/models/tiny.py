@@ -16,6 +16,18 @@ Layout written::
     sound_tokenizer/  config.json + diffusion_pytorch_model.safetensors
     text_tokenizer/   tokenizer.json, tokenizer_config.json, chat template
     scheduler/        scheduler_config.json
+
+and, at the root, the same checkpoint as the Reasoner (`transformers.Cosmos3OmniForConditionalGeneration`,
+the Qwen3-VL architecture) sees it, like the unified nvidia/Cosmos3-Nano repository::
+
+    config.json                     Cosmos3OmniConfig (model_type cosmos3_omni): text + tiny vision tower
+    model.safetensors               unified weights: the transformer's own keys (und + gen pathway, exactly the
+                                    tensors in transformer/) + the vision tower under blocks.*/merger.*/...;
+                                    transformers renames the und keys and drops the gen keys on load
+    generation_config.json          the documented Reasoner sampling defaults
+    tokenizer.json, tokenizer_config.json, chat_template.jinja   the same tokenizer as text_tokenizer/
+    preprocessor_config.json        Qwen2-VL image processor (PIL backend works without torchvision)
+    video_preprocessor_config.json  Qwen3-VL video sampling settings (read by cosmos_train, see data/conversations.py)
 """
 
 from __future__ import annotations
@@ -122,6 +134,90 @@ TINY_SCHEDULER_CONFIG: dict = {
     "lower_order_final": True,
     "final_sigmas_type": "zero",
     "timestep_spacing": "linspace",
+}
+
+# The Reasoner's view of the checkpoint (transformers' Cosmos3OmniConfig = Qwen3-VL). The text model IS the
+# transformer's understanding pathway, so its sizes are TINY_TRANSFORMER_CONFIG's; mrope_section is the
+# transformer's rope_axes_dim (interleaved T/H/W, as Qwen3-VL's [24, 20, 20] for head_dim 128).
+def tiny_text_config(vocab_size: int) -> dict:
+    t = TINY_TRANSFORMER_CONFIG
+    return {
+        "model_type": "qwen3_vl_text",
+        "vocab_size": vocab_size,
+        "hidden_size": t["hidden_size"],
+        "intermediate_size": t["intermediate_size"],
+        "num_hidden_layers": t["num_hidden_layers"],
+        "num_attention_heads": t["num_attention_heads"],
+        "num_key_value_heads": t["num_key_value_heads"],
+        "head_dim": t["head_dim"],
+        "hidden_act": t["hidden_act"],
+        "rms_norm_eps": t["rms_norm_eps"],
+        "attention_bias": t["attention_bias"],
+        "max_position_embeddings": 32768,
+        "rope_parameters": {"rope_type": "default", "rope_theta": t["rope_theta"],
+                            "mrope_section": list(t["rope_axes_dim"]), "mrope_interleaved": True},
+    }
+
+
+# Qwen3-VL's vision tower topology (16x16 patches, 2x2 spatial merge, 2-frame temporal patches, deepstack
+# features into the first text layers) with tiny widths. out_hidden_size is the text hidden size.
+TINY_VISION_CONFIG: dict = {
+    "model_type": "qwen3_vl_vision",
+    "depth": 2,
+    "hidden_size": 64,
+    "hidden_act": "gelu_pytorch_tanh",
+    "intermediate_size": 128,
+    "num_heads": 4,
+    "in_channels": 3,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "out_hidden_size": TINY_TRANSFORMER_CONFIG["hidden_size"],
+    "num_position_embeddings": 64,  # an 8x8 learned grid, interpolated to each image's patch grid
+    "deepstack_visual_indexes": [0, 1],
+}
+
+# Qwen3-VL's image processor settings (patch 16, merge 2, mean/std 0.5) with a small pixel budget:
+# a 64x64 image is 4x4 patches -> 4 merged tokens.
+TINY_IMAGE_PROCESSOR_CONFIG: dict = {
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "size": {"shortest_edge": 32 * 32, "longest_edge": 128 * 128},
+}
+
+# Qwen3-VL's video processor settings (2 fps, 4..768 frames; pixel budgets are totals over the sampled
+# frames, as Qwen3VLVideoProcessor's smart_resize counts them), with a small budget.
+TINY_VIDEO_PROCESSOR_CONFIG: dict = {
+    "video_processor_type": "Qwen3VLVideoProcessor",
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "size": {"shortest_edge": 4 * 32 * 32, "longest_edge": 8 * 64 * 64},
+    "fps": 2,
+    "min_frames": 4,
+    "max_frames": 16,
+    "do_sample_frames": True,
+    "resample": 3,
+    "do_resize": True,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+}
+
+# The documented Reasoner sampling defaults (no reasoning): temperature 0.7, top_p 0.8, top_k 20,
+# repetition_penalty 1.0 (presence_penalty 1.5 has no GenerationConfig field: cosmos_train.chat applies it).
+REASONER_GENERATION_DEFAULTS: dict = {
+    "do_sample": True,
+    "temperature": 0.7,
+    "top_p": 0.8,
+    "top_k": 20,
+    "repetition_penalty": 1.0,
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +486,70 @@ def _build_scheduler():
     return UniPCMultistepScheduler(**TINY_SCHEDULER_CONFIG)
 
 
+def build_tiny_reasoner_config(tokenizer):
+    """`Cosmos3OmniConfig` of the tiny checkpoint's Reasoner (special token ids from `tokenizer`)."""
+    from transformers import Cosmos3OmniConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    config = Cosmos3OmniConfig(
+        text_config=tiny_text_config(len(tokenizer)),
+        vision_config=dict(TINY_VISION_CONFIG),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["Cosmos3OmniForConditionalGeneration"]
+    return config
+
+
+def _build_vision_tower(config, seed: int):
+    """The Qwen3-VL vision tower (random weights; norms offset from 1/0 so dropped weights are noticed)."""
+    from transformers import AutoModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        generator = torch.Generator().manual_seed(seed + 3)
+        tower = AutoModel.from_config(config.vision_config).float().eval()
+        with torch.no_grad():
+            for name, param in tower.named_parameters():
+                if ".norm" in name or name.startswith("norm"):
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+    return tower
+
+
+def write_tiny_reasoner(root: Path, pipe, seed: int = 0) -> None:
+    """Write the Reasoner's view of the tiny checkpoint at `root` (see the module docstring).
+
+    The root weights hold the transformer's state dict unchanged (so the und pathway the two libraries share
+    is the same tensors) plus the vision tower's keys without prefix, as the unified checkpoint stores them.
+    """
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = pipe.text_tokenizer
+    config = build_tiny_reasoner_config(tokenizer)
+    tower = _build_vision_tower(config, seed)
+    unified = {k: v.detach().contiguous().clone() for k, v in pipe.transformer.state_dict().items()}
+    for key, value in tower.state_dict().items():
+        if key in unified:
+            raise RuntimeError(f"tiny: vision key {key} collides with a transformer key")
+        unified[key] = value.detach().contiguous().clone()
+    save_file(unified, str(root / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(root)
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    GenerationConfig(**REASONER_GENERATION_DEFAULTS, eos_token_id=eos,
+                     pad_token_id=tokenizer.pad_token_id).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    Qwen2VLImageProcessorPil(**TINY_IMAGE_PROCESSOR_CONFIG).save_pretrained(root)
+    (root / "video_preprocessor_config.json").write_text(json.dumps(TINY_VIDEO_PROCESSOR_CONFIG, indent=2,
+                                                                    sort_keys=True) + "\n")
+
+
 def build_tiny_pipeline(seed: int = 0):
     """Build the tiny `Cosmos3OmniPipeline` in memory (float32, CPU, deterministic for a given seed)."""
     import warnings
@@ -436,6 +596,7 @@ def make_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        write_tiny_reasoner(tmp, pipe, seed)
         _normalize_written_files(tmp)
         if out.exists():
             shutil.rmtree(out)

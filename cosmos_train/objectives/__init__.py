@@ -10,4 +10,9 @@ def build_objective(cfg: RecipeConfig, model, seed: int):
         from cosmos_train.objectives.generator import GeneratorObjective
 
         return GeneratorObjective(model, cfg.generator, shift=cfg.flow_shift(), seed=seed)
+    if cfg.objective == "reasoner":
+        from cosmos_train.objectives.reasoner import ReasonerObjective
+
+        budget = cfg.train.packing.max_tokens if cfg.train.packing.enabled else None
+        return ReasonerObjective(model, cfg.reasoner, seed=seed, max_pack_tokens=budget)
     raise ValueError(f"no objective {cfg.objective!r}")

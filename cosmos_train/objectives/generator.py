@@ -143,6 +143,11 @@ class GeneratorObjective:
             mode=mode, dropped_text=dropped, source=item.source,
         )
 
+    @staticmethod
+    def restore_item(saved: dict) -> NoisedSample:
+        """A drawn sample from its checkpointed `dataclasses.asdict` form."""
+        return NoisedSample(**saved)
+
     def token_count(self, item: NoisedSample) -> int:
         """Sequence length of a drawn sample (what packing budgets)."""
         return sample_token_count(len(item.input_ids), item.x0.shape, self.model.geometry.latent_patch_size)

@@ -70,11 +70,10 @@ class MicroBatcher:
         return {"consumed": self.consumed, "pending": pending}
 
     def load_rank_state(self, state: dict) -> None:
-        from cosmos_train.objectives.generator import NoisedSample
-
         self.consumed = state["consumed"]
         if self.packer is not None:
-            self.packer.restore([(e["order"], NoisedSample(**e["item"]), e["length"]) for e in state["pending"]])
+            restore = self.objective.restore_item  # dict (as saved) -> the objective's drawn-sample type
+            self.packer.restore([(e["order"], restore(e["item"]), e["length"]) for e in state["pending"]])
 
     @staticmethod
     def tokens(batch, objective) -> int:

@@ -17,7 +17,12 @@ from cosmos_train.errors import UserError
 
 
 def build_data(cfg: RecipeConfig, skips: SkipCounter, rank: int = 0, world_size: int = 1) -> GeneratorData:
-    """Every source read, records bucketed and mixed; bad records counted in `skips` (or raised)."""
+    """The objective's dataset + sampler: every source read (bad records counted in `skips`, or raised);
+    generator media bucketed and mixed, reasoner conversations tokenized with the checkpoint's processor."""
+    if cfg.objective == "reasoner":
+        from cosmos_train.data.conversations import build_conversation_data
+
+        return build_conversation_data(cfg, skips, rank, world_size)
     return build_generator_data(cfg, rank, world_size, counter=skips)
 
 

@@ -22,10 +22,9 @@ from cosmos_train.config.load import recipe_to_yaml
 from cosmos_train.data import MarkBadSamples, SkipCounter
 from cosmos_train.data.latent_cache import LatentCacheDataset
 from cosmos_train.errors import UserError
-from cosmos_train.models import load_model, local_checkpoint_dir
+from cosmos_train.models import adapter_class, load_model, local_checkpoint_dir
 from cosmos_train.objectives import build_objective
 from cosmos_train.trainer import checkpoint as ckpt
-from cosmos_train.trainer.adapters import load_trainable_state_dict, setup_trainable, trainable_state_dict
 from cosmos_train.trainer.batching import MicroBatcher
 from cosmos_train.trainer.inputs import build_data, cache_location, open_cache
 from cosmos_train.trainer.metrics import MetricsLogger
@@ -36,8 +35,7 @@ def _accelerator(cfg: RecipeConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    # lm_head and the understanding pathway's last outputs do not feed the generator loss.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train.method == "full")
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=adapter_class(cfg).ddp_find_unused_parameters(cfg))
     return Accelerator(cpu=cfg.train.device == "cpu", kwargs_handlers=[ddp])
 
 
@@ -74,14 +72,16 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
     # ---- model and trainable weights --------------------------------------------------------
     model = load_model(cfg)
     if cfg.model.gradient_checkpointing:
-        model.transformer.enable_gradient_checkpointing()
-    params = setup_trainable(model.transformer, cfg.train)
+        model.enable_gradient_checkpointing()
+    groups = model.setup_trainable(cfg)  # optimizer parameter groups (each may carry its own lr)
+    params = [p for group in groups for p in group["params"]]
     model.to(accelerator.device)
-    optimizer, lr_scheduler = build_optimizer(params, cfg.train)
+    optimizer, lr_scheduler = build_optimizer(groups, cfg.train)
     objective = build_objective(cfg, model, seed=cfg.train.seed + 1000 * accelerator.process_index)
 
     # A prepared latent cache replaces decoding and VAE encoding; without one, samples are encoded online.
-    cache_index = open_cache(cfg, data.dataset, local_checkpoint_dir(cfg), recipe_path)
+    cache_index = (open_cache(cfg, data.dataset, local_checkpoint_dir(cfg), recipe_path)
+                   if cfg.objective == "generator" else None)
     if cache_index is not None:
         dataset = LatentCacheDataset(cache_location(cfg), cache_index, caption_seed=data.dataset.seed)
         encode = lambda item: item  # noqa: E731
@@ -104,7 +104,7 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
                 f"{accelerator.num_processes}: resume with the same number of processes (the data position and "
                 "noise RNG are stored per rank)"
             )
-        load_trainable_state_dict(model.transformer, cfg.train.method, weights)
+        model.load_trainable_state_dict(cfg, weights)
         optimizer.load_state_dict(torch_state["optimizer"])
         lr_scheduler.load_state_dict(torch_state["lr_scheduler"])
         resumed = ranks[accelerator.process_index]
@@ -212,7 +212,7 @@ def _save(accelerator, run_dir, step, model, cfg, optimizer, lr_scheduler, rank_
         torch.distributed.all_gather_object(ranks, rank_state)
     if accelerator.is_main_process:
         ckpt.save_checkpoint(
-            run_dir, step, trainable_state_dict(model.transformer, cfg.train.method),
+            run_dir, step, model.trainable_state_dict(cfg),
             extra_state={"samples_consumed": [r["batcher"]["consumed"] for r in ranks], "method": cfg.train.method,
                          **json_state},
             torch_state={"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
