@@ -98,11 +98,13 @@ def bench_data_wait(root: Path, quick: bool) -> dict:
 
     steps = 40 if quick else 150
     out = {}
-    for label, cache in (("cache", "require"), ("online (tiny VAE)", "off")):
+    runs = (("cache, 1 loader worker", "require", 1), ("cache, no loader workers", "require", 0),
+            ("online (tiny VAE), 1 loader worker", "off", 1))
+    for label, cache, workers in runs:
         cfg = load_recipe(RECIPE, [f"model.pretrained={make_tiny(root / 'tiny')}",
-                                   f"output_dir={root / ('wait-' + cache)}", f"data.manifest={SAMPLES}",
+                                   f"output_dir={root / f'wait-{cache}-{workers}'}", f"data.manifest={SAMPLES}",
                                    f"train.max_steps={steps}", f"train.checkpoint_every={steps}",
-                                   f"data.cache={cache}"])
+                                   f"data.cache={cache}", f"data.num_workers={workers}"])
         if cache == "require":
             prepare(cfg, device="cpu")
         train(cfg)

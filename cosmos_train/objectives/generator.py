@@ -118,8 +118,12 @@ class GeneratorObjective:
     def choose_mode(self, num_frames: int) -> str:
         if num_frames == 1:
             return "t2i"
-        probs = [getattr(self.cfg.modes, m) for m in GENERATION_MODES]
-        return GENERATION_MODES[int(torch.multinomial(torch.tensor(probs), 1, generator=self.generator))]
+        u, total = self._uniform(), 0.0
+        for mode in GENERATION_MODES:
+            total += getattr(self.cfg.modes, mode)
+            if u < total:
+                return mode
+        return next(m for m in reversed(GENERATION_MODES) if getattr(self.cfg.modes, m) > 0)
 
     def draw(self, item: LatentSample) -> NoisedSample:
         mode = self.choose_mode(item.num_frames)

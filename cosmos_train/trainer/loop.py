@@ -130,7 +130,9 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
     # proved unusable, stop rather than loop forever.
     sources = [e["source"] for e in cache_index["samples"]] if cache_index else [r.source for r in data.dataset.records]
     reachable = {sources[k.index] for k in sampler.epoch_order(0)} if not cfg.data.shuffle else set(sources)
-    batcher = MicroBatcher(iter(loader), encode, objective, cfg, skips, reachable,
+    # Without workers the DataLoader only adds per-sample overhead on the hot path: index directly.
+    stream = iter(loader) if cfg.data.num_workers > 0 else (dataset[key] for key in sampler)
+    batcher = MicroBatcher(stream, encode, objective, cfg, skips, reachable,
                            skipped_sources=set(state.get("skipped_sources", [])) if resumed else None)
     if resumed:
         batcher.load_rank_state(resumed["batcher"])
