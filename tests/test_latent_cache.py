@@ -10,7 +10,6 @@ import torch
 from cosmos_train.cli import main
 from cosmos_train.config import load_recipe
 from cosmos_train.data.latent_cache import LatentCacheDataset, read_index
-from cosmos_train.errors import UserError
 from cosmos_train.objectives import build_objective
 from cosmos_train.models import load_model
 from cosmos_train.prepare import prepare

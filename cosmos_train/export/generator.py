@@ -8,9 +8,7 @@ its predictions on one fixed input must match the trained model's.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from cosmos_train.config import load_saved_recipe
 from cosmos_train.errors import UserError
 from cosmos_train.models import load_model, local_checkpoint_dir
 from cosmos_train.trainer import checkpoint as ckpt
+from cosmos_train.export.staging import refuse_nonempty, staged_directory
 from cosmos_train.trainer.adapters import ADAPTER_NAME, load_trainable_state_dict, setup_trainable
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name load_lora_adapter must be given
@@ -74,8 +73,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
     recipe_path = run_dir / "recipe.yaml"
     if not recipe_path.is_file():
         raise UserError(f"{run_dir} is not a cosmos_train run directory (no recipe.yaml)")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"export target {out_dir} exists and is not empty; choose a new directory")
+    refuse_nonempty(out_dir)
     cfg = load_saved_recipe(recipe_path)
     if cfg.objective != "generator":
         raise UserError(f"this exporter handles generator runs; {run_dir} is a '{cfg.objective}' run")
@@ -90,9 +88,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
     reference = _predict(trained)
     dtype = trained.transformer.embed_tokens.weight.dtype
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as tmp:
         if lora_only:
             save_diffusers_lora(trained.transformer, tmp / LORA_WEIGHT_NAME)
             fresh = load_model(cfg)
@@ -121,10 +117,4 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
                 "method": cfg.train.method, "lora_only": lora_only, "base_model": cfg.model.pretrained,
                 "verification_max_relative_difference": rel}
         (tmp / "cosmos_train_export.json").write_text(json.dumps(info, indent=2))
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info

@@ -30,6 +30,7 @@ import torch
 
 from cosmos_train.config import load_saved_recipe
 from cosmos_train.errors import UserError
+from cosmos_train.export.staging import refuse_nonempty, staged_directory
 from cosmos_train.trainer import checkpoint as ckpt
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}
@@ -191,8 +192,7 @@ def export_reasoner_run(run_dir: str | Path, out_dir: str | Path, *, step: int |
     recipe_path = run_dir / "recipe.yaml"
     if not recipe_path.is_file():
         raise UserError(f"{run_dir} is not a cosmos_train run directory (no recipe.yaml)")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"export target {out_dir} exists and is not empty; choose a new directory")
+    refuse_nonempty(out_dir)
     cfg = load_saved_recipe(recipe_path)
     if cfg.objective != "reasoner":
         raise UserError(f"this exporter handles reasoner runs; {run_dir} is a '{cfg.objective}' run")
@@ -215,10 +215,10 @@ def export_reasoner_run(run_dir: str | Path, out_dir: str | Path, *, step: int |
 
     reasoner = load_trained_reasoner(cfg, weights)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    scratch = tempfile.TemporaryDirectory(prefix="cosmos-train-export-")
-    try:
-        record = fixed_conversation(_fixed_image(Path(scratch.name) / "fixed.png"))
+    with tempfile.TemporaryDirectory(prefix="cosmos-train-export-") as scratch_dir, \
+            staged_directory(out_dir) as tmp:
+        scratch = Path(scratch_dir)
+        record = fixed_conversation(_fixed_image(scratch / "fixed.png"))
         reference = reasoner_logits(reasoner, record, cfg)
         merged = finalize_weights(reasoner, dtype)
         final = reasoner_logits(reasoner, record, cfg)  # merged, in the checkpoint's dtype: what is written
@@ -264,14 +264,6 @@ def export_reasoner_run(run_dir: str | Path, out_dir: str | Path, *, step: int |
         info["verification_max_relative_difference"] = _compare(reference, reloaded_logits, dtype,
                                                                  "the exported reasoner (transformers)")
         (tmp / "cosmos_train_export.json").write_text(json.dumps(info, indent=2))
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        scratch.cleanup()
     return info
 
 

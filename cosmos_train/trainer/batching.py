@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-import torch
 
 from cosmos_train.data import DecodeLog
 from cosmos_train.data.packing import StreamingPacker

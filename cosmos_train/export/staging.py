@@ -1,0 +1,35 @@
+"""Exports are built in a hidden directory beside the target and renamed into place only when
+complete and verified: a failed or interrupted export leaves nothing behind, and never touches
+anything a user already had there."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from cosmos_train.errors import UserError
+
+
+def refuse_nonempty(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"export target {out_dir} exists and is not empty; choose a new directory")
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: Path):
+    """Yields a temporary directory; on success it becomes `out_dir` (which must be absent or empty)."""
+    out_dir = Path(out_dir)
+    refuse_nonempty(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
