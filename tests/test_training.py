@@ -194,3 +194,18 @@ def test_failed_verification_writes_nothing(lora_run, tmp_path, monkeypatch):
         export_run(run_dir, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]
+
+
+@pytest.mark.slow  # bf16 matmuls are slow on CPU
+def test_bf16_base_with_fp32_trainable_weights_trains_and_exports(tiny_dir, tmp_path):
+    # full finetuning: fp32 gen-pathway modules inside a bf16 network (LoRA's casts are PEFT's own)
+    cfg = _cfg(tiny_dir, tmp_path / "run", "t2v_full.yaml", "model.dtype=bfloat16", "train.max_steps=2",
+               "train.checkpoint_every=2")
+    run_dir = train(cfg)
+    losses = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(0 < v < 10 for v in losses)
+    weights = load_file(str(run_dir / "checkpoints/step-0000002/trainable.safetensors"))
+    assert weights and all(w.dtype == torch.float32 for w in weights.values())
+    info = export_run(run_dir, tmp_path / "export")  # verification tolerance for bf16 merges
+    saved = load_file(str(tmp_path / "export" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert saved["embed_tokens.weight"].dtype == torch.bfloat16 and info["step"] == 2  # base dtype kept

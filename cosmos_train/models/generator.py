@@ -131,6 +131,12 @@ class Cosmos3Generator:
         return cfg.train.method == "full"
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The frozen base's dtype: what latents enter the transformer as (trainable fp32 parts cast around
+        themselves; `transformer.dtype` may report their fp32 instead)."""
+        return self.transformer.embed_tokens.weight.dtype
+
+    @property
     def vae(self):
         return self.pipe.vae
 
@@ -168,7 +174,7 @@ class Cosmos3Generator:
     # ---- forward -------------------------------------------------------------------------
     def predict_velocity(self, sequence: dict, noisy_latent: torch.Tensor, timestep: float) -> torch.Tensor:
         """Vision velocity for one sample; `timestep` is sigma * 1000. Clean frames come back as zeros."""
-        dtype = self.transformer.dtype
+        dtype = self.compute_dtype
         kwargs = {k: sequence[k] for k in TRANSFORMER_STATIC_KEYS}
         device = kwargs["input_ids"].device
         timesteps = torch.full((sequence["num_noisy_vision_tokens"],), float(timestep), device=device)
@@ -192,7 +198,7 @@ class Cosmos3Generator:
         from cosmos_train.models.packing import build_packed_sequence, packed_timesteps, packing_layout
 
         self.install_packed_attention()
-        dtype = self.transformer.dtype
+        dtype = self.compute_dtype
         device = next(self.transformer.parameters()).device
         packed = build_packed_sequence(
             [(s.input_ids, s.x0.shape, s.clean_frames, s.fps) for s in batch], self.geometry, device=device)
