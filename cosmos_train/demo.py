@@ -1,7 +1,7 @@
 """`make demo`: the main job end to end on the tiny model, on CPU, in a few minutes.
 
-make-tiny -> train recipes/tiny/t2v_lora.yaml on the bundled clips -> export (LoRA merged) ->
-generate a video from one of the training captions with the exported pipeline -> MP4.
+make-tiny -> prepare (latent cache) -> train recipes/tiny/t2v_lora.yaml on the bundled clips (packed) ->
+export (LoRA merged) -> generate a video from one of the training captions with the exported pipeline -> MP4.
 Each step is also a `cosmos-train` command; they are printed as they run.
 """
 
@@ -28,6 +28,7 @@ def run(out_root: Path) -> dict:
     from cosmos_train.export.generator import export_run
     from cosmos_train.inference import generate_video, load_pipeline, write_mp4
     from cosmos_train.models.tiny import make_tiny
+    from cosmos_train.prepare import prepare
     from cosmos_train.trainer.loop import train
     from cosmos_train.trainer.metrics import read_metrics
 
@@ -38,9 +39,12 @@ def run(out_root: Path) -> dict:
     make_tiny(tiny_dir)
 
     overrides = [f"model.pretrained={tiny_dir}", f"output_dir={run_dir}"]
-    print(f"$ cosmos-train train {RECIPE.relative_to(REPO)} {' '.join(overrides)}", flush=True)
+    recipe = RECIPE.relative_to(REPO)
+    print(f"$ cosmos-train prepare {recipe} {' '.join(overrides)}", flush=True)
     cfg = load_recipe(RECIPE, overrides)
-    train(cfg)
+    prepare(cfg)
+    print(f"$ cosmos-train train {recipe} {' '.join(overrides)}", flush=True)
+    train(cfg, recipe_path=str(recipe))
 
     losses = [m["loss"] for m in read_metrics(run_dir)]
     window = max(1, len(losses) // 10)

@@ -12,6 +12,7 @@ import torch
 from cosmos_train.config import load_recipe
 from cosmos_train.data import GeneratorDataset, read_manifest
 from cosmos_train.export.generator import export_run
+from cosmos_train.prepare import prepare
 from cosmos_train.trainer.loop import train
 from cosmos_train.trainer.metrics import read_metrics
 
@@ -34,6 +35,7 @@ def overfit_run(tiny_dir, tmp_path_factory):
         f"train.max_steps={STEPS}", "train.lr=3e-3", "train.lr_schedule=constant", "train.checkpoint_every=1000",
         "train.packing.enabled=false",  # one sample per step: the overfit budget is in steps
     ])
+    prepare(cfg, device="cpu")  # encode the clip once; the 400 steps then read the latent cache
     run_dir = train(cfg)
     export_dir = root / "export"
     export_run(run_dir, export_dir)
