@@ -24,7 +24,7 @@ def _cmd_train(args) -> None:
     from cosmos_train.trainer.loop import train
 
     cfg = load_recipe(args.recipe, args.overrides)
-    run_dir = train(cfg, resume=args.resume, recipe_path=args.recipe)
+    run_dir = train(cfg, resume=args.resume, recipe_path=" ".join([args.recipe, *args.overrides]))
     if os.environ.get("RANK", "0") == "0":
         print(f"run directory: {run_dir}")
 
@@ -79,6 +79,11 @@ def _cmd_chat(args) -> None:
 def _cmd_generate(args) -> None:
     from cosmos_train.inference import generate_video, load_pipeline, write_mp4
 
+    if args.frames < 1 or (args.frames - 1) % 4:
+        raise UserError(f"--frames {args.frames}: a frame count of the form 4k+1 (1, 5, 9, ..., 93, ...)")
+    for name in ("height", "width"):
+        if getattr(args, name) <= 0 or getattr(args, name) % 16:
+            raise UserError(f"--{name} {getattr(args, name)}: a positive multiple of 16")
     pipe = load_pipeline(args.pipeline_dir, device=args.device, lora=args.lora)
     frames = generate_video(pipe, args.prompt, num_frames=args.frames, height=args.height, width=args.width,
                             fps=args.fps, steps=args.steps, guidance=args.guidance, seed=args.seed)
@@ -139,19 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_chat)
 
-    p = sub.add_parser("generate", help="generate a video with a pipeline directory and write an MP4")
+    p = sub.add_parser("generate", help="generate a video with a pipeline directory and write an MP4",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("pipeline_dir")
     p.add_argument("prompt")
-    p.add_argument("--out", default="outputs/sample.mp4")
+    p.add_argument("--out", default="outputs/sample.mp4", help="MP4 to write")
     p.add_argument("--lora", default=None, help="a LoRA-only export to load on top of the pipeline")
-    p.add_argument("--frames", type=int, default=93)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
-    p.add_argument("--fps", type=float, default=24.0)
-    p.add_argument("--steps", type=int, default=35)
-    p.add_argument("--guidance", type=float, default=6.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--frames", type=int, default=93, help="4k+1 frames (the tiny model: e.g. 17)")
+    p.add_argument("--height", type=int, default=480, help="pixels, multiple of 16 (the tiny model: e.g. 64)")
+    p.add_argument("--width", type=int, default=832, help="pixels, multiple of 16")
+    p.add_argument("--fps", type=float, default=24.0, help="frame rate (also in the prompt and positions)")
+    p.add_argument("--steps", type=int, default=35, help="denoising steps (UniPC)")
+    p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("make-tiny", help="write a tiny random-weight Cosmos 3 checkpoint (for tests and the demo)")

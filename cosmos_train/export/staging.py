@@ -18,6 +18,13 @@ def refuse_nonempty(out_dir: Path) -> None:
         raise UserError(f"export target {out_dir} exists and is not empty; choose a new directory")
 
 
+def readable_like_mkdir(path: Path) -> None:
+    """mkdtemp makes 0700 directories; an export or checkpoint should get the user's usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
 @contextlib.contextmanager
 def staged_directory(out_dir: Path):
     """Yields a temporary directory; on success it becomes `out_dir` (which must be absent or empty)."""
@@ -25,6 +32,7 @@ def staged_directory(out_dir: Path):
     refuse_nonempty(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    readable_like_mkdir(tmp)
     try:
         yield tmp
         if out_dir.exists():

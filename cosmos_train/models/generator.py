@@ -8,6 +8,7 @@ code: a finetuned model is prompted and encoded exactly as it will be at inferen
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 from pathlib import Path
@@ -72,6 +73,8 @@ class Cosmos3Generator:
         from transformers import AutoTokenizer
 
         _check_source(pretrained, local_files_only)
+        # HF_HUB_OFFLINE set after huggingface_hub was imported is otherwise ignored (30 s of retries)
+        local_files_only = local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         common = {"revision": revision, "local_files_only": local_files_only}
         try:
             if load_transformer:
@@ -89,7 +92,7 @@ class Cosmos3Generator:
             )
             scheduler = UniPCMultistepScheduler.from_pretrained(pretrained, subfolder="scheduler", **common)
         except (OSError, ValueError, json.JSONDecodeError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
             raise UserError(
                 f"model.pretrained: could not load Cosmos 3 checkpoint '{pretrained}': {first}. "
                 "A hub id needs network access (or a filled Hugging Face cache); a local directory needs the "

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cosmos_train.errors import UserError
+from cosmos_train.export.staging import readable_like_mkdir
 
 WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -58,6 +59,7 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{step_name(step)}.", dir=root))
+    readable_like_mkdir(tmp)
     try:
         save_file(weights, str(tmp / WEIGHTS))
         torch.save(torch_state, tmp / OPTIMIZER)
