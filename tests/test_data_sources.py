@@ -38,7 +38,6 @@ from cosmos_train.data import (
     read_manifest,
 )
 from cosmos_train.data.media import load_image_info
-from cosmos_train.data.sampler import ResumableSampler
 from cosmos_train.errors import BadSampleError, UserError
 
 BASE, STEP = 10, 6  # gray level of frame i = BASE + STEP * i
@@ -500,14 +499,6 @@ def test_bucket_sampler_properties(group_size, world_size):
     if group_size > 1:
         first = next(iter(BucketBatchSampler(make(0, start=1))))
         assert first == stream[1:group_size]
-
-
-def test_bucket_sampler_matches_resumable_sampler_without_buckets():
-    for n, ws, shuffle in [(10, 1, True), (10, 3, True), (7, 2, False)]:
-        for r in range(ws):
-            old = ResumableSampler(n, shuffle=shuffle, seed=3, rank=r, world_size=ws, start=2)
-            new = BucketSampler([0] * n, shuffle=shuffle, seed=3, rank=r, world_size=ws, start=2)
-            assert list(itertools.islice(iter(old), 25)) == [k.index for k in itertools.islice(iter(new), 25)]
 
 
 def test_bucket_sampler_no_shuffle_is_index_order():

@@ -33,7 +33,7 @@ endless stream of `SampleKey(index, epoch)` such that, on every rank, each align
 ``group_size`` consecutive keys (positions ``[k * group_size, (k + 1) * group_size)`` of the rank's
 stream) shares one bucket. `BucketBatchSampler` yields those runs as lists (a DataLoader
 ``batch_sampler``). The stream is a pure function of (seed, rank, world_size) and the data layout, so
-a position is just the number of keys consumed (``start``), exactly like `ResumableSampler`.
+a position is just the number of keys consumed (``start``).
 
 One *epoch* of the mixed stream has ``epoch_size`` keys before padding (default: the number of
 indices; with weights at least 1000); see `BucketSampler` for how it is drawn.
@@ -164,8 +164,8 @@ class BucketSampler(torch.utils.data.Sampler):
        buckets (``torch.randperm`` seeded with ``seed + e``), the group list is padded to a multiple
        of ``world_size`` by repeating its first groups, and rank ``r`` takes groups ``r, r + W, ...``.
 
-    With one source, no weights, one bucket and ``group_size=1`` this is exactly `ResumableSampler`'s
-    stream (plus the epoch field). With no weights every index appears in every epoch (once, plus
+    With one source, no weights, one bucket and ``group_size=1`` this is a seeded permutation per
+    epoch, rank-strided. With no weights every index appears in every epoch (once, plus
     the padding repeats). A stratum whose quota rounds to 0 is never drawn.
     """
 
