@@ -227,7 +227,12 @@ def validate(cfg: S.RecipeConfig, where: str = "recipe") -> None:
 
 
 def recipe_to_yaml(cfg: S.RecipeConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved recipe; the section of the objective it does not use is left out (defaults on reload)."""
+    data = OmegaConf.to_container(OmegaConf.structured(cfg))
+    for objective in S.OBJECTIVES:
+        if objective != cfg.objective:
+            data.pop(objective, None)
+    return OmegaConf.to_yaml(OmegaConf.create(data))
 
 
 def save_recipe(cfg: S.RecipeConfig, path: str | Path) -> None:
