@@ -69,6 +69,10 @@ def _cmd_export(args) -> None:
 def _cmd_chat(args) -> None:
     from cosmos_train.chat import chat
 
+    local = Path(args.model_dir).expanduser()
+    if args.model_dir != "tiny" and (local.is_absolute() or args.model_dir.startswith(".") or
+                                     args.model_dir.count("/") != 1) and not local.is_dir():
+        raise UserError(f"chat: model directory not found: {args.model_dir}")
     answer = chat(args.model_dir, args.question, images=args.image, videos=args.video, reasoning=args.reasoning,
                   greedy=args.greedy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_p=args.top_p, top_k=args.top_k, presence_penalty=args.presence_penalty,

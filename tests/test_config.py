@@ -26,7 +26,7 @@ def _write(tmp_path, content) -> Path:
 @pytest.mark.parametrize(
     "override,expected",
     [
-        ("train.lrr=0.1", "unknown key 'train.lrr'"),
+        ("train.lrr=0.1", "unknown key 'train.lrr' (not a field of 'train'); did you mean 'train.lr'?"),
         ("train.lr=abc", "wrong type for 'train.lr'"),
         ("train.lr=-1", "'train.lr'"),
         ("generator.shift=0", "'generator.shift'"),

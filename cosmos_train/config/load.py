@@ -27,13 +27,31 @@ def _omegaconf_error(where: str, err: OmegaConfBaseException) -> UserError:
     key = getattr(err, "full_key", None) or "?"
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        return UserError(f"{where}: unknown key '{key}'" + (f" (not a field of '{parent}')" if parent else ""))
+        hint = _did_you_mean(key)
+        return UserError(f"{where}: unknown key '{key}'" + (f" (not a field of '{parent}')" if parent else "")
+                         + (f"; did you mean '{hint}'?" if hint else ""))
     if isinstance(err, MissingMandatoryValue):
         return UserError(f"{where}: missing required value '{key}'")
     if isinstance(err, ValidationError):
         first_line = str(err).splitlines()[0]
         return UserError(f"{where}: wrong type for '{key}': {first_line}")
     return UserError(f"{where}: invalid value for '{key}': {str(err).splitlines()[0]}")
+
+
+def _did_you_mean(key: str) -> str | None:
+    """The closest valid key path at the same level, for a typo."""
+    import difflib
+
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.structured(S.RecipeConfig)
+    try:
+        for part in parent.split(".") if parent else []:
+            node = node[part]
+        candidates = list(node.keys())
+    except Exception:
+        return None
+    match = difflib.get_close_matches(leaf, candidates, n=1, cutoff=0.6)
+    return f"{parent}.{match[0]}" if match and parent else (match[0] if match else None)
 
 
 def _read_yaml(path: Path) -> dict:
