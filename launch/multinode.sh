@@ -6,7 +6,7 @@
 #
 # MASTER_ADDR: host name or IP of node 0, reachable from every node; MASTER_PORT: a free TCP port
 # there (default 29500); NNODES / NODE_RANK default to SLURM_NNODES / SLURM_NODEID under srun.
-# NPROC_PER_NODE defaults to the GPUs nvidia-smi lists, else 1.
+# NPROC_PER_NODE defaults to the GPUs in CUDA_VISIBLE_DEVICES, else the GPUs nvidia-smi lists, else 1.
 # output_dir must be on a filesystem every node sees: rank 0 writes the checkpoints and --resume
 # reads them on every node. Use the same recipe, overrides and code on all nodes.
 set -euo pipefail
@@ -26,22 +26,12 @@ fi
 
 recipe=$1
 shift
-if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then
-    nproc=$1
-    shift
-else
-    nproc=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
-    [[ $nproc -ge 1 ]] || nproc=1
-fi
-
-if command -v torchrun >/dev/null 2>&1; then
-    launcher=(torchrun)
-else
-    launcher=("${PYTHON:-python3}" -m torch.distributed.run)
-fi
+source "$(dirname "$0")/_common.sh"
+nproc_from_args "$@"
+shift "$SHIFT"
 
 # Static rendezvous (torchrun's default backend): node NODE_RANK gets global ranks
-# NODE_RANK*nproc .. NODE_RANK*nproc+nproc-1, and global rank 0 (on node 0) hosts the store.
-exec "${launcher[@]}" --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$nproc" \
+# NODE_RANK*NPROC .. NODE_RANK*NPROC+NPROC-1, and global rank 0 (on node 0) hosts the store.
+exec "${LAUNCHER[@]}" --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC" \
     --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
     -m cosmos_train.cli train "$recipe" "$@"

@@ -20,24 +20,10 @@ fi
 recipe=$1
 shift
 
-if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then
-    nproc=$1
-    shift
-elif [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
-    IFS=, read -ra gpus <<< "$CUDA_VISIBLE_DEVICES"
-    nproc=${#gpus[@]}
-else
-    nproc=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
-    [[ $nproc -ge 1 ]] || nproc=1
-fi
-
-# torchrun is the console script of torch.distributed.run; fall back to the module if it is not on PATH.
-if command -v torchrun >/dev/null 2>&1; then
-    launcher=(torchrun)
-else
-    launcher=("${PYTHON:-python3}" -m torch.distributed.run)
-fi
+source "$(dirname "$0")/_common.sh"
+nproc_from_args "$@"
+shift "$SHIFT"
 
 # shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of flags
-exec "${launcher[@]}" --standalone --nproc_per_node="$nproc" ${TORCHRUN_ARGS:-} \
+exec "${LAUNCHER[@]}" --standalone --nproc_per_node="$NPROC" ${TORCHRUN_ARGS:-} \
     -m cosmos_train.cli train "$recipe" "$@"

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import torch
 
-from cosmos_train.config import load_saved_recipe
 from cosmos_train.errors import UserError
 from cosmos_train.models import load_model, local_checkpoint_dir
-from cosmos_train.trainer import checkpoint as ckpt
-from cosmos_train.export.staging import refuse_nonempty, staged_directory
+from cosmos_train.export.staging import open_run, staged_directory
 from cosmos_train.trainer.adapters import ADAPTER_NAME, load_trainable_state_dict, setup_trainable
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name load_lora_adapter must be given
@@ -70,17 +68,9 @@ def save_diffusers_lora(transformer, path: Path) -> None:
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None, lora_only: bool = False) -> dict:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    recipe_path = run_dir / "recipe.yaml"
-    if not recipe_path.is_file():
-        raise UserError(f"{run_dir} is not a cosmos_train run directory (no recipe.yaml)")
-    refuse_nonempty(out_dir)
-    cfg = load_saved_recipe(recipe_path)
-    if cfg.objective != "generator":
-        raise UserError(f"this exporter handles generator runs; {run_dir} is a '{cfg.objective}' run")
+    cfg, checkpoint, weights, state = open_run(run_dir, out_dir, "generator", step)
     if lora_only and cfg.train.method != "lora":
         raise UserError("--lora-only needs a LoRA run; this run used full finetuning")
-    checkpoint = ckpt.find_checkpoint(run_dir, step)
-    weights, state, _ = ckpt.load_checkpoint(checkpoint)
 
     trained = load_model(cfg)
     setup_trainable(trained.transformer, cfg.train)

@@ -28,10 +28,8 @@ from pathlib import Path
 
 import torch
 
-from cosmos_train.config import load_saved_recipe
 from cosmos_train.errors import UserError
-from cosmos_train.export.staging import refuse_nonempty, staged_directory
-from cosmos_train.trainer import checkpoint as ckpt
+from cosmos_train.export.staging import open_run, staged_directory
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 FIXED_QUESTION = "Describe the image in one sentence."
@@ -189,15 +187,7 @@ def export_reasoner_run(run_dir: str | Path, out_dir: str | Path, *, step: int |
     from cosmos_train.models.reasoner import DTYPES, hf_key_to_unified, is_generator_key, resolve_reasoner_pretrained
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    recipe_path = run_dir / "recipe.yaml"
-    if not recipe_path.is_file():
-        raise UserError(f"{run_dir} is not a cosmos_train run directory (no recipe.yaml)")
-    refuse_nonempty(out_dir)
-    cfg = load_saved_recipe(recipe_path)
-    if cfg.objective != "reasoner":
-        raise UserError(f"this exporter handles reasoner runs; {run_dir} is a '{cfg.objective}' run")
-    checkpoint = ckpt.find_checkpoint(run_dir, step)
-    weights, state, _ = ckpt.load_checkpoint(checkpoint)
+    cfg, checkpoint, weights, state = open_run(run_dir, out_dir, "reasoner", step)
     dtype = DTYPES[cfg.model.dtype]
 
     source = None

@@ -13,6 +13,24 @@ from pathlib import Path
 from cosmos_train.errors import UserError
 
 
+def open_run(run_dir: Path, out_dir: Path, objective: str, step: int | None):
+    """A run directory's recipe and checkpoint (latest, or `step`), after the checks every export makes:
+    it is a run of `objective`, and `out_dir` would not overwrite anything. -> (cfg, checkpoint, weights, state)"""
+    from cosmos_train.config import load_saved_recipe
+    from cosmos_train.trainer import checkpoint as ckpt
+
+    recipe_path = Path(run_dir) / "recipe.yaml"
+    if not recipe_path.is_file():
+        raise UserError(f"{run_dir} is not a cosmos_train run directory (no recipe.yaml)")
+    refuse_nonempty(Path(out_dir))
+    cfg = load_saved_recipe(recipe_path)
+    if cfg.objective != objective:
+        raise UserError(f"this exporter handles {objective} runs; {run_dir} is a '{cfg.objective}' run")
+    checkpoint = ckpt.find_checkpoint(Path(run_dir), step)
+    weights, state, _ = ckpt.load_checkpoint(checkpoint)
+    return cfg, checkpoint, weights, state
+
+
 def refuse_nonempty(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"export target {out_dir} exists and is not empty; choose a new directory")
