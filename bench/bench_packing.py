@@ -59,10 +59,9 @@ def _latent_samples(model, n: int, seed: int = 0) -> list[LatentSample]:
     for i in range(n):
         frames, h, w = rng.choice(shapes)
         caption = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40)))
-        cond, uncond = model.tokenize(caption, frames, h, w, 24.0)
         latent = torch.randn(channels, (frames - 1) // 4 + 1, h // 16, w // 16, generator=torch.Generator().manual_seed(i))
-        out.append(LatentSample(latent=latent, cond_ids=list(cond), uncond_ids=list(uncond), caption=caption,
-                                fps=24.0, num_frames=frames, height=h, width=w, source=f"synthetic:{i}"))
+        out.append(LatentSample(latent=latent, caption=caption, fps=24.0, num_frames=frames, height=h, width=w,
+                                source=f"synthetic:{i}"))
     return out
 
 

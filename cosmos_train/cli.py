@@ -45,25 +45,28 @@ def _cmd_export(args) -> None:
     recipe = Path(args.run_dir) / "recipe.yaml"
     if not recipe.is_file():
         raise UserError(f"{args.run_dir} is not a cosmos_train run directory (no recipe.yaml)")
+    if args.lora_only and args.transformers:
+        raise UserError("--lora-only and --transformers are different export forms: choose one")
     if load_saved_recipe(recipe).objective == "reasoner":
         from cosmos_train.export.reasoner import export_reasoner_run
 
-        if args.lora_only:
-            raise UserError("--lora-only is for generator runs; a reasoner export is merged (add --unified for "
-                            "the unified checkpoint)")
-        info = export_reasoner_run(args.run_dir, args.out_dir, step=args.step, unified=args.unified)
-        kind = "unified Cosmos 3 checkpoint" if args.unified else "transformers model"
-        print(f"exported {kind} from {info['checkpoint']} to {args.out_dir} "
-              f"(verified: max relative difference {info['verification_max_relative_difference']:.2e})")
-        return
-    from cosmos_train.export.generator import export_run
+        form = "transformers" if args.transformers else "release"
+        info = export_reasoner_run(args.run_dir, args.out_dir, step=args.step, form=form, lora_only=args.lora_only)
+        kind = ("LoRA adapters (PEFT for transformers; vllm/ for vLLM)" if args.lora_only else
+                "transformers model" if args.transformers else "Cosmos 3 checkpoint (released layout)")
+    else:
+        from cosmos_train.export.generator import export_run
 
-    if args.unified:
-        raise UserError("--unified is for reasoner runs; a generator export is already a full pipeline directory")
-    info = export_run(args.run_dir, args.out_dir, step=args.step, lora_only=args.lora_only)
-    kind = "LoRA adapter" if args.lora_only else "pipeline (LoRA merged)" if info["method"] == "lora" else "pipeline"
+        if args.transformers:
+            raise UserError("--transformers is for reasoner runs; a generator export is the released-layout "
+                            "checkpoint (which transformers also loads) or --lora-only")
+        info = export_run(args.run_dir, args.out_dir, step=args.step, lora_only=args.lora_only)
+        kind = ("LoRA adapters (diffusers; vllm-omni/ for vLLM-Omni)" if args.lora_only else
+                "Cosmos 3 checkpoint (released layout, LoRA merged)" if info["method"] == "lora" else
+                "Cosmos 3 checkpoint (released layout)")
     print(f"exported {kind} from {info['checkpoint']} to {args.out_dir} "
-          f"(verified: max relative difference {info['verification_max_relative_difference']:.2e})")
+          f"(verified: max relative difference {info['verification_max_relative_difference']:.2e}; "
+          f"model card: {Path(args.out_dir) / 'README.md'})")
 
 
 def _cmd_chat(args) -> None:
@@ -81,16 +84,22 @@ def _cmd_chat(args) -> None:
 
 
 def _cmd_generate(args) -> None:
-    from cosmos_train.inference import generate_video, load_pipeline, write_mp4
+    from cosmos_train.inference import choose_prompt, export_prompt_format, generate_video, load_pipeline, write_mp4
 
     if args.frames < 1 or (args.frames - 1) % 4:
         raise UserError(f"--frames {args.frames}: a frame count of the form 4k+1 (1, 5, 9, ..., 93, ...)")
     for name in ("height", "width"):
         if getattr(args, name) <= 0 or getattr(args, name) % 16:
             raise UserError(f"--{name} {getattr(args, name)}: a positive multiple of 16")
+    recorded = export_prompt_format(args.lora, args.pipeline_dir)
+    choice = choose_prompt(recorded[0] if recorded else None, templates=getattr(args, "templates", None),
+                           system_prompt=getattr(args, "system_prompt", None),
+                           source=str(recorded[1]) if recorded else "")
     pipe = load_pipeline(args.pipeline_dir, device=args.device, lora=args.lora)
+    print(choice.description)
     frames = generate_video(pipe, args.prompt, num_frames=args.frames, height=args.height, width=args.width,
-                            fps=args.fps, steps=args.steps, guidance=args.guidance, seed=args.seed)
+                            fps=args.fps, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                            prompt_choice=choice)
     path = write_mp4(frames, args.out, fps=args.fps)
     print(f"video: {path} ({frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]})")
 
@@ -122,13 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.path=value")
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("export", help="export a run for diffusers (full pipeline, LoRA merged) or as LoRA only")
+    p = sub.add_parser("export", help="export a run: the released-layout checkpoint (default) or LoRA adapters")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--lora-only", action="store_true", help="generator: write only the adapter (diffusers LoRA format)")
-    p.add_argument("--unified", action="store_true",
-                   help="reasoner: write the unified checkpoint (base with its language weights replaced)")
+    p.add_argument("--lora-only", action="store_true",
+                   help="write only the LoRA adapters as PEFT directories (generator: diffusers + vllm-omni/; "
+                        "reasoner: transformers/PEFT + vllm/)")
+    p.add_argument("--transformers", action="store_true",
+                   help="reasoner: a plain transformers directory instead of the released-layout checkpoint")
+    p.add_argument("--unified", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("chat", help="ask a (finetuned) reasoner about images / videos")
@@ -162,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
+    p.add_argument("--templates", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                   help="duration + resolution sentences in the prompt (default: as the export was trained, "
+                        "from its cosmos_train_export.json; else the pipeline's default, on)")
+    p.add_argument("--system-prompt", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                   help="the Cosmos 3 system prompt (default: as the export was trained; else model_index.json's "
+                        "default_use_system_prompt)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("make-tiny", help="write a tiny random-weight Cosmos 3 checkpoint (for tests and the demo)")

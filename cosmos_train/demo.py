@@ -26,7 +26,7 @@ def run(out_root: Path) -> dict:
     from cosmos_train.config import load_recipe
     from cosmos_train.data import read_manifest
     from cosmos_train.export.generator import export_run
-    from cosmos_train.inference import generate_video, load_pipeline, write_mp4
+    from cosmos_train.inference import choose_prompt, export_prompt_format, generate_video, load_pipeline, write_mp4
     from cosmos_train.models.tiny import make_tiny
     from cosmos_train.prepare import prepare
     from cosmos_train.trainer.loop import train
@@ -57,9 +57,12 @@ def run(out_root: Path) -> dict:
     height, width = cfg.pixel_size()
     print(f'$ cosmos-train generate {export_dir} "{caption}" --frames {cfg.data.num_frames} '
           f"--height {height} --width {width} --steps 20 --out {video_path}", flush=True)
+    recorded = export_prompt_format(export_dir)  # prompted as the finetune was trained, as `generate` does
+    choice = choose_prompt(recorded[0] if recorded else None, source=str(recorded[1]) if recorded else "")
+    print(choice.description, flush=True)
     pipe = load_pipeline(export_dir, device="cpu")
     frames = generate_video(pipe, caption, num_frames=cfg.data.num_frames, height=height, width=width,
-                            fps=cfg.data.fps, steps=20, guidance=6.0, seed=0)
+                            fps=cfg.data.fps, steps=20, guidance=6.0, seed=0, prompt_choice=choice)
     write_mp4(frames, video_path, fps=cfg.data.fps)
     return {"run": run_dir, "export": export_dir, "video": video_path, "loss_first": first, "loss_last": last,
             "window": window, "steps": len(losses), "verify": info["verification_max_relative_difference"]}

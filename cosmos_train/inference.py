@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -9,6 +12,9 @@ import numpy as np
 import torch
 
 from cosmos_train.errors import UserError
+from cosmos_train.models.prompt_format import PromptFormat
+
+EXPORT_INFO = "cosmos_train_export.json"  # written by `cosmos-train export` next to the weights
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> Path:
@@ -38,17 +44,108 @@ def load_pipeline(pipeline_dir: str | Path, device: str | None = None, lora: str
         raise UserError(f"{pipeline_dir} is not a pipeline directory (no model_index.json)")
     pipe = Cosmos3OmniPipeline.from_pretrained(str(pipeline_dir), enable_safety_checker=False)
     if lora is not None:
-        pipe.transformer.load_lora_adapter(str(lora), weight_name="pytorch_lora_weights.safetensors")
+        from cosmos_train.export.adapters import ADAPTER_WEIGHTS
+
+        # exports before the PEFT-directory form wrote diffusers' default file name
+        names = [n for n in (ADAPTER_WEIGHTS, "pytorch_lora_weights.safetensors") if (Path(lora) / n).is_file()]
+        if not names:
+            raise UserError(f"--lora {lora}: no {ADAPTER_WEIGHTS} there (a `cosmos-train export --lora-only` "
+                            "directory of a generator run)")
+        pipe.transformer.load_lora_adapter(str(lora), weight_name=names[0])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipe.to(device)
 
 
+def export_prompt_format(*dirs) -> tuple[PromptFormat, Path] | None:
+    """The prompt format a finetune was trained with: `prompt_format` of the first `cosmos_train_export.json`
+    found in `dirs` (a LoRA-only export, then the pipeline directory), with the file it came from."""
+    for d in dirs:
+        if d is None or not (Path(d) / EXPORT_INFO).is_file():
+            continue
+        path = Path(d) / EXPORT_INFO
+        try:
+            info = json.loads(path.read_text())
+            if isinstance(info, dict) and "prompt_format" in info:
+                return PromptFormat.from_dict(info["prompt_format"]), path
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            raise UserError(f"{path}: unreadable prompt_format ({err})") from None
+    return None
+
+
+@dataclass
+class PromptChoice:
+    """How `generate` prompts: keyword arguments for the pipeline call and a one-line description."""
+
+    kwargs: dict
+    bare_uncond: bool  # unconditional prompt without templates although the prompt has them (uncond_prompt: empty)
+    description: str
+
+
+def choose_prompt(fmt: PromptFormat | None, *, templates: bool | None = None,
+                  system_prompt: bool | None = None, source: str = EXPORT_INFO) -> PromptChoice:
+    """The pipeline's prompt options for a finetune trained with `fmt` (None: not a cosmos_train export with a
+    recorded format: the pipeline's defaults), with the `--[no-]templates` / `--[no-]system-prompt` overrides."""
+    if fmt is None:
+        kwargs: dict = {}
+        if templates is not None:
+            kwargs.update(add_duration_template=templates, add_resolution_template=templates)
+        if system_prompt is not None:
+            kwargs["use_system_prompt"] = system_prompt
+        parts = [f"templates {'on' if templates else 'off'}" if templates is not None else "",
+                 f"system prompt {'on' if system_prompt else 'off'}" if system_prompt is not None else ""]
+        told = ", ".join(p for p in parts if p)
+        return PromptChoice(kwargs, False, f"prompt format: pipeline defaults{' with ' + told if told else ''} "
+                                           f"(no prompt_format recorded)")
+    templates_on = fmt.templates_on if templates is None else templates
+    kwargs = fmt.pipeline_kwargs(templates_on)
+    if system_prompt is not None:
+        kwargs["use_system_prompt"] = system_prompt
+    kwargs["negative_prompt"] = ""  # what training's unconditional prompt was built from
+    shown = PromptFormat(**{**fmt.to_dict(), "use_system_prompt": kwargs["use_system_prompt"]})
+    if kwargs["use_system_prompt"] != fmt.use_system_prompt:
+        trained = "NOT a form this finetune was trained on"
+    elif templates_on == fmt.templates_on:
+        trained = "as trained"
+    elif fmt.template_dropout > 0:
+        trained = f"the other template form, trained on {fmt.template_dropout:.0%} of samples"
+    else:
+        trained = "NOT a form this finetune was trained on"
+    bare = fmt.uncond_prompt == "empty" and (kwargs["add_duration_template"] or kwargs["add_resolution_template"])
+    return PromptChoice(kwargs, bare, f"prompt format: {shown.describe(templates_on)}, negative prompt \"\""
+                                      f"{' (bare)' if bare else ''} ({trained}; {source})")
+
+
+@contextmanager
+def _bare_unconditional_prompt(pipe, enabled: bool):
+    """The pipeline's own `tokenize_prompt`, with the unconditional ids of the template-free form."""
+    if not enabled:
+        yield
+        return
+    original = pipe.tokenize_prompt
+
+    def tokenize_prompt(prompt, negative_prompt=None, **kwargs):
+        cond, _ = original(prompt, negative_prompt, **kwargs)
+        _, uncond = original(prompt, negative_prompt,
+                             **{**kwargs, "add_duration_template": False, "add_resolution_template": False})
+        return cond, uncond
+
+    pipe.tokenize_prompt = tokenize_prompt
+    try:
+        yield
+    finally:
+        del pipe.tokenize_prompt
+
+
 def generate_video(pipe, prompt: str, *, num_frames: int, height: int, width: int, fps: float = 24.0,
-                   steps: int = 35, guidance: float = 6.0, seed: int = 0, image=None) -> np.ndarray:
-    """[T, H, W, 3] float frames in [0, 1]."""
+                   steps: int = 35, guidance: float = 6.0, seed: int = 0, image=None,
+                   prompt_choice: PromptChoice | None = None) -> np.ndarray:
+    """[T, H, W, 3] float frames in [0, 1]. `prompt_choice` (`choose_prompt`): how to prompt (default: the
+    pipeline's defaults)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    out = pipe(prompt=prompt, num_frames=num_frames, height=height, width=width, fps=fps, image=image,
-               num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="np",
-               enable_safety_check=False)
+    choice = prompt_choice or PromptChoice({}, False, "")
+    with _bare_unconditional_prompt(pipe, choice.bare_uncond):
+        out = pipe(prompt=prompt, num_frames=num_frames, height=height, width=width, fps=fps, image=image,
+                   num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="np",
+                   enable_safety_check=False, **choice.kwargs)
     video = np.asarray(out.video)
     return video[None] if video.ndim == 3 else video

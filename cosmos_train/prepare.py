@@ -48,7 +48,7 @@ def prepare(cfg: RecipeConfig, device: str | None = None) -> tuple[Path, SkipCou
                 continue
             item = objective.encode(sample)
             record = dataset.records[index]
-            writer.add(item, [(c, objective.prompt_ids(c, item)) for c in record.caption_candidates])
+            writer.add(item, list(record.caption_candidates))
         for reason, examples in skips.examples.items():  # manifest-level skips, for the training summary
             for source, message in examples:
                 if not any(s["source"] == source for s in writer.skipped):

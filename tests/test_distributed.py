@@ -30,8 +30,8 @@ def test_two_process_torchrun(tmp_path):
     assert f"run directory: {run_dir}" in proc.stdout
 
     # The concurrent first-use build left exactly one complete tiny checkpoint and no temp directories.
-    assert [p.name for p in cache.iterdir()] == ["tiny-cosmos3-v2"]
-    assert (cache / "tiny-cosmos3-v2" / "model_index.json").is_file()
+    assert [p.name for p in cache.iterdir()] == ["tiny-cosmos3-v3"]
+    assert (cache / "tiny-cosmos3-v3" / "model_index.json").is_file()
 
     # One checkpoint per saved step, written once (no leftover temp directories from a second writer).
     ckpt_root = run_dir / "checkpoints"

@@ -528,10 +528,10 @@ def test_loss_falls_and_export_round_trips(tiny_dir, tmp_path):
     assert losses[-1] < 0.85 * losses[0], losses
 
     out = tmp_path / "export"
-    info = export_reasoner_run(run_dir, out)
+    info = export_reasoner_run(run_dir, out, form="transformers")
     assert info["lora_layers_merged"] == 2 * 7 and info["verification_max_relative_difference"] < 1e-4
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                 "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json"):
+                 "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json", "README.md"):
         assert (out / name).is_file(), name
     exported = Cosmos3OmniForConditionalGeneration.from_pretrained(out)
     assert not any("lora" in k for k in exported.state_dict())
@@ -544,25 +544,37 @@ def test_loss_falls_and_export_round_trips(tiny_dir, tmp_path):
     for a, b in zip(reference, reloaded):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     with pytest.raises(UserError, match="not empty"):
-        export_reasoner_run(run_dir, out)
+        export_reasoner_run(run_dir, out, form="transformers")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]  # no temp dir left behind
 
 
-def test_unified_export_loads_in_both_libraries(tiny_dir, tmp_path):
+def _stored(root, sub, key):
+    from cosmos_train.models.layout import component_weight_map
+    from safetensors import safe_open
+
+    with safe_open(str(root / sub / component_weight_map(root / sub)[key]), framework="pt") as fh:
+        return fh.get_tensor(key)
+
+
+def test_release_export_loads_in_both_libraries_with_one_language_model(tiny_dir, tmp_path):
+    """Default reasoner export: the released layout, finetuned language weights in transformer/, the fully
+    trained merger in vision_encoder/, generation pathway bit-identical; diffusers and transformers agree."""
     from diffusers import Cosmos3OmniPipeline
-    from safetensors.torch import load_file
     from transformers import Cosmos3OmniForConditionalGeneration
 
     from cosmos_train.export.reasoner import export_reasoner_run
+    from cosmos_train.models.layout import component_weight_map, layout_problems
     from cosmos_train.models.reasoner import hf_key_to_unified, is_generator_key
 
     cfg = _recipe("reasoner_grounding.yaml", tiny_dir, tmp_path, "train.max_steps=3")
     model, run_dir, _, _ = _mini_train(cfg, steps=3)
-    out = tmp_path / "unified"
-    info = export_reasoner_run(run_dir, out, unified=True)
+    out = tmp_path / "release"
+    info = export_reasoner_run(run_dir, out)
     assert info["transformer_check"]["replaced"] == 2 * 7 and info["transformer_check"]["untouched"] > 0
+    assert layout_problems(out) == [] and not list(out.glob("*.safetensors"))
+    assert set(component_weight_map(out / "transformer").values()) == set(
+        component_weight_map(tiny_dir / "transformer").values())  # same shard files, each written once
 
-    original = load_file(tiny_dir / "transformer" / "diffusion_pytorch_model.safetensors")
     pipe = Cosmos3OmniPipeline.from_pretrained(str(out))
     diffusers_sd = pipe.transformer.state_dict()
     hf = Cosmos3OmniForConditionalGeneration.from_pretrained(out)
@@ -572,17 +584,19 @@ def test_unified_export_loads_in_both_libraries(tiny_dir, tmp_path):
         ukey = hf_key_to_unified(key)
         if ukey in diffusers_sd:  # the shared und pathway: the same finetuned values in both libraries
             assert torch.equal(diffusers_sd[ukey], value), key
-            changed += int(not torch.equal(original[ukey], value))
+            changed += int(not torch.equal(_stored(tiny_dir, "transformer", ukey), value))
     assert changed == 2 * 7  # the LoRA-merged q/k/v/o/gate/up/down of both layers
-    for key, value in original.items():
+    for key in component_weight_map(tiny_dir / "transformer"):
         if is_generator_key(key):  # generation pathway untouched, bit for bit
-            assert torch.equal(diffusers_sd[key], value), key
-    root = load_file(out / "model.safetensors")
-    assert not torch.equal(root["merger.linear_fc1.weight"], load_file(tiny_dir / "model.safetensors")[
-        "merger.linear_fc1.weight"])  # the fully trained merger went into the root weights
+            assert torch.equal(diffusers_sd[key], _stored(tiny_dir, "transformer", key)), key
+    merger = _stored(out, "vision_encoder", "merger.linear_fc1.weight")
+    assert not torch.equal(merger, _stored(tiny_dir, "vision_encoder", "merger.linear_fc1.weight"))
+    assert torch.equal(hf_sd["model.visual.merger.linear_fc1.weight"], merger)  # the trained merger is what loads
     video = pipe(prompt="A red circle.", num_frames=1, height=64, width=64, num_inference_steps=1,
                  output_type="np", generator=torch.Generator().manual_seed(0)).video
     assert video.shape == (1, 64, 64, 3)
+    card = (out / "README.md").read_text()
+    assert "vllm serve" in card and str(tmp_path) not in card and str(tiny_dir) not in card
 
 
 def test_trainer_data_path_packs_and_skips(tiny_dir, tmp_path):
@@ -662,7 +676,7 @@ def test_bundled_examples_encode(reasoner):
 
 
 def test_reasoner_recipe_through_the_cli_train_export_chat(tiny_dir, tmp_path, capsys):
-    """As a user runs it: train a tiny reasoner recipe, resume it, export (merged and unified), chat."""
+    """As a user runs it: train a tiny reasoner recipe, resume it, export (transformers and released layout), chat."""
     from cosmos_train.cli import main
 
     recipe = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "reasoner_caption.yaml")
@@ -672,13 +686,14 @@ def test_reasoner_recipe_through_the_cli_train_export_chat(tiny_dir, tmp_path, c
     assert main(["train", recipe, *common, "train.max_steps=4", "--resume"]) == 0
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
-    assert main(["export", str(run), str(tmp_path / "hf")]) == 0
-    assert main(["export", str(run), str(tmp_path / "unified"), "--unified"]) == 0
+    assert main(["export", str(run), str(tmp_path / "hf"), "--transformers"]) == 0
+    assert main(["export", str(run), str(tmp_path / "unified")]) == 0
     assert (tmp_path / "unified" / "model_index.json").is_file() and (tmp_path / "hf" / "config.json").is_file()
-    assert main(["export", str(run), str(tmp_path / "x"), "--lora-only"]) == 2
+    assert main(["export", str(run), str(tmp_path / "x"), "--lora-only", "--transformers"]) == 2
     capsys.readouterr()
     video = Path(__file__).resolve().parent.parent / "data" / "samples" / "clips" / "red_circle.mp4"
-    assert main(["chat", str(tmp_path / "hf"), "What moves?", "--video", str(video), "--greedy",
-                 "--max-new-tokens", "8"]) == 0
+    for exported in ("hf", "unified"):
+        assert main(["chat", str(tmp_path / exported), "What moves?", "--video", str(video), "--greedy",
+                     "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip()  # an answer came back
     assert main(["prepare", recipe, *common]) == 2  # the latent cache is a generator thing

@@ -14,7 +14,10 @@ from cosmos_train.errors import UserError
 from cosmos_train.models.tiny import QWEN_ADDED_TOKENS, TINY_BPE_VOCAB_SIZE, make_tiny
 
 WEIGHT_FILES = [
-    "transformer/diffusion_pytorch_model.safetensors",
+    "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+    "transformer/diffusion_pytorch_model-00002-of-00002.safetensors",
+    "transformer/diffusion_pytorch_model.safetensors.index.json",
+    "vision_encoder/model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
     "sound_tokenizer/diffusion_pytorch_model.safetensors",
 ]
@@ -67,12 +70,17 @@ def test_layout_and_model_index(tiny_dir):
 def test_weights_are_float32_and_loaded_exactly(tiny_dir, pipe):
     from safetensors.torch import load_file
 
+    components = {}
     for rel in WEIGHT_FILES:
-        saved = load_file(tiny_dir / rel)
-        module = getattr(pipe, rel.split("/")[0])
-        loaded = module.state_dict()
-        assert set(saved) == set(loaded), rel
+        if rel.endswith(".safetensors"):
+            components.setdefault(rel.split("/")[0], {}).update(load_file(tiny_dir / rel))
+    for component, saved in components.items():
+        if component == "vision_encoder":  # not a pipeline component (see the layout tests)
+            continue
+        loaded = getattr(pipe, component).state_dict()
+        assert set(saved) == set(loaded), component
         for key, tensor in saved.items():
+            rel = component
             assert tensor.dtype == torch.float32, (rel, key)
             assert torch.equal(tensor, loaded[key]), (rel, key)
 
@@ -200,8 +208,7 @@ def test_other_seed_gives_other_weights(tiny_dir, tmp_path):
     from safetensors.torch import load_file
 
     other = make_tiny(tmp_path / "other", seed=1)
-    a = load_file(tiny_dir / WEIGHT_FILES[0])
-    b = load_file(other / WEIGHT_FILES[0])
+    a, b = ({k: v for rel in WEIGHT_FILES[:2] for k, v in load_file(root / rel).items()} for root in (tiny_dir, other))
     assert not torch.equal(a["proj_in.weight"], b["proj_in.weight"])
     assert (tiny_dir / "text_tokenizer/tokenizer.json").read_bytes() == (
         other / "text_tokenizer/tokenizer.json"
@@ -290,50 +297,68 @@ def test_scheduler_is_flow_unipc(pipe):
 
 
 # ----------------------------------------------------------------------------------------------
-# The Reasoner's view: the same directory is a unified checkpoint transformers loads
+# The released layout: one root index over transformer/ + vision_encoder/, read by transformers too
 # ----------------------------------------------------------------------------------------------
 
 
-def test_root_is_a_unified_checkpoint_transformers_loads(tiny_dir, pipe):
-    from safetensors.torch import load_file
+def test_released_layout_invariants(tiny_dir):
+    from cosmos_train.models.layout import ROOT_INDEX, component_weight_map, layout_problems, root_weight_map
+
+    assert layout_problems(tiny_dir) == []
+    for rel in ("config.json", ROOT_INDEX, "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "vocab.json", "merges.txt", "chat_template.json", "preprocessor_config.json",
+                "video_preprocessor_config.json", "checkpoint.json", "README.md", "vision_encoder/config.json"):
+        assert (tiny_dir / rel).is_file(), rel
+    assert not list(tiny_dir.glob("*.safetensors"))  # no root weights: the language model exists once
+    assert "vision_encoder" not in json.loads((tiny_dir / "model_index.json").read_text())
+    config = json.loads((tiny_dir / "config.json").read_text())
+    assert config["architectures"] == ["Cosmos3ForConditionalGeneration"]
+    assert config["model_type"] == "cosmos3_omni"
+    assert config["allow_patterns_overrides"] == ["*/*.safetensors"]
+    assert config["tie_word_embeddings"] is False and isinstance(config["model"], dict)
+    text, vision = config["text_config"], config["vision_config"]
+    # the hub form: explicit rope_scaling with mRoPE sections that fit the tiny head (head_dim 32 -> 16 pairs)
+    assert text["rope_scaling"]["mrope_section"] == [6, 5, 5] and sum(text["rope_scaling"]["mrope_section"]) * 2 \
+        == text["head_dim"]
+    assert text["rope_scaling"]["mrope_interleaved"] is True and text["rope_theta"] == 5e6
+    assert vision["model_type"] == "qwen3_vl" and vision["deepstack_visual_indexes"] == [0, 1]
+
+    transformer = component_weight_map(tiny_dir / "transformer")
+    assert len(set(transformer.values())) >= 2  # sharded, with its own index
+    root = root_weight_map(tiny_dir)
+    assert {k: v for k, v in root.items() if v.startswith("transformer/")} == {
+        k: f"transformer/{v}" for k, v in transformer.items()}
+    vision_keys = {k for k, v in root.items() if v == "vision_encoder/model.safetensors"}
+    assert vision_keys == set(component_weight_map(tiny_dir / "vision_encoder"))
+    assert all(k.startswith(("blocks.", "merger.", "patch_embed.", "pos_embed.", "deepstack_merger_list."))
+               for k in vision_keys)  # bare keys, as Qwen3VLVisionModel.save_pretrained writes them
+    assert set(root) == set(transformer) | vision_keys
+
+
+def test_transformers_reads_the_very_tensors_diffusers_reads(tiny_dir, pipe):
+    """The reasoner's language model and the generator's understanding pathway are one set of tensors."""
     from transformers import Cosmos3OmniForConditionalGeneration
 
     from cosmos_train.models.reasoner import hf_key_to_unified, is_generator_key, unified_key_to_hf
 
-    for rel in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
-                "video_preprocessor_config.json"):
-        assert (tiny_dir / rel).is_file(), rel
-    assert json.loads((tiny_dir / "config.json").read_text())["model_type"] == "cosmos3_omni"
     model, info = Cosmos3OmniForConditionalGeneration.from_pretrained(tiny_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-
-    unified = load_file(tiny_dir / "model.safetensors")
     diffusers_sd = pipe.transformer.state_dict()
-    # the root holds the transformer's tensors unchanged (und + gen pathway) plus the vision tower
-    for key, value in diffusers_sd.items():
-        assert torch.equal(unified[key], value), key
     hf_sd = model.state_dict()
     shared = 0
     for key, value in hf_sd.items():
         ukey = hf_key_to_unified(key)
         assert unified_key_to_hf(ukey) == key
-        assert torch.equal(unified[ukey], value), key
-        if ukey in diffusers_sd:  # the language model IS the und pathway: same values in both libraries
+        if ukey in diffusers_sd:  # the language model IS the und pathway: the same stored tensor
             assert torch.equal(diffusers_sd[ukey], value), key
             shared += 1
     cfg = pipe.transformer.config
     per_layer = 4 + 2 + 3 + 2  # q/k/v/o, q/k norms, gate/up/down, input/post-attention norms
     assert shared == cfg.num_hidden_layers * per_layer + 3  # + embed_tokens, norm, lm_head
-    assert torch.equal(hf_sd["model.language_model.layers.0.self_attn.q_proj.weight"],
-                       diffusers_sd["layers.0.self_attn.to_q.weight"])
-    assert torch.equal(hf_sd["model.language_model.layers.1.self_attn.k_norm.weight"],
-                       diffusers_sd["layers.1.self_attn.norm_k.weight"])
-    # generator keys are in the file and dropped by transformers
-    gen = [k for k in unified if is_generator_key(k)]
+    # flipping one stored value is seen by both libraries (one file, not two copies)
+    gen = [k for k in diffusers_sd if is_generator_key(k)]
     assert "layers.0.self_attn.add_q_proj.weight" in gen and "proj_in.weight" in gen
     assert all(unified_key_to_hf(k) is None for k in gen)
-    assert set(unified) == {hf_key_to_unified(k) for k in hf_sd} | set(gen)
     assert any(k.startswith("model.visual.deepstack_merger_list.") for k in hf_sd)
 
     text = model.config.text_config
@@ -342,11 +367,62 @@ def test_root_is_a_unified_checkpoint_transformers_loads(tiny_dir, pipe):
         cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
         cfg.intermediate_size, cfg.vocab_size)
     assert text.rope_parameters["mrope_section"] == list(cfg.rope_axes_dim)
+    assert text.rope_parameters["mrope_interleaved"] is True
     assert text.rope_parameters["rope_theta"] == cfg.rope_theta
     tok = pipe.text_tokenizer
     assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
     assert model.config.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")
     assert model.config.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")
+
+
+def test_both_loaders_read_one_stored_copy(tiny_dir, tmp_path):
+    """Change one understanding-pathway tensor in its transformer/ shard: diffusers AND transformers see it."""
+    import shutil
+
+    from diffusers import Cosmos3OmniTransformer
+    from safetensors.torch import load_file, save_file
+    from transformers import Cosmos3OmniForConditionalGeneration
+
+    from cosmos_train.models.layout import component_weight_map
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, copy)
+    shard = copy / "transformer" / component_weight_map(copy / "transformer")["layers.0.self_attn.to_q.weight"]
+    tensors = load_file(shard)
+    tensors["layers.0.self_attn.to_q.weight"] = torch.full_like(tensors["layers.0.self_attn.to_q.weight"], 0.125)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    hf = Cosmos3OmniForConditionalGeneration.from_pretrained(copy)
+    dm = Cosmos3OmniTransformer.from_pretrained(copy / "transformer")
+    assert torch.all(hf.model.language_model.layers[0].self_attn.q_proj.weight == 0.125)
+    assert torch.all(dm.layers[0].self_attn.to_q.weight == 0.125)
+
+
+def test_loading_a_released_layout_from_the_hub_cache(tiny_dir, tmp_path, monkeypatch):
+    """A hub id resolves through the Hugging Face cache exactly like a local directory (offline)."""
+    import shutil
+
+    from cosmos_train.config import load_recipe
+    from cosmos_train.models import load_model
+
+    from .conftest import TINY_RECIPES
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--nvidia--Cosmos3-Tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_dir, snapshot)
+    (cache / "models--nvidia--Cosmos3-Tiny" / "refs").mkdir()
+    (cache / "models--nvidia--Cosmos3-Tiny" / "refs" / "main").write_text("0" * 40)
+    # what an online download records: text_tokenizer/ has no config.json (AutoTokenizer probes for one)
+    absent = cache / "models--nvidia--Cosmos3-Tiny" / ".no_exist" / ("0" * 40) / "text_tokenizer"
+    absent.mkdir(parents=True)
+    (absent / "config.json").touch()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for recipe in ("t2v_lora.yaml", "reasoner_caption.yaml"):
+        cfg = load_recipe(TINY_RECIPES / recipe, ["model.pretrained=nvidia/Cosmos3-Tiny", f"output_dir={tmp_path}/r",
+                                                   "model.local_files_only=true"])
+        model = load_model(cfg)
+        assert model.transformer is not None
 
 
 def test_root_processor_files(tiny_dir, pipe):

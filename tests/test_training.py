@@ -10,7 +10,8 @@ from cosmos_train.config import load_recipe
 from cosmos_train.data import GeneratorDataset, read_manifest
 from cosmos_train.errors import UserError
 from cosmos_train.export import generator as export_mod
-from cosmos_train.export.generator import LORA_WEIGHT_NAME, export_run
+from cosmos_train.export.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from cosmos_train.export.generator import export_run
 from cosmos_train.models import load_model
 from cosmos_train.objectives import build_objective
 from cosmos_train.trainer import checkpoint as ckpt
@@ -158,15 +159,16 @@ def test_export_merged_and_lora_only_round_trip(lora_run, tiny_dir, tmp_path):
     merged_info = export_run(run_dir, tmp_path / "merged")
     lora_info = export_run(run_dir, tmp_path / "lora", lora_only=True)
     assert merged_info["step"] == lora_info["step"] == 8
-    assert (tmp_path / "lora" / LORA_WEIGHT_NAME).is_file()
+    assert (tmp_path / "lora" / ADAPTER_WEIGHTS).is_file() and (tmp_path / "lora" / ADAPTER_CONFIG).is_file()
     exported = {p.name for p in (tmp_path / "merged").iterdir()}
-    assert {"model_index.json", "transformer", "vae", "text_tokenizer", "scheduler", "cosmos_train_export.json"} <= exported
+    assert {"model_index.json", "transformer", "vae", "text_tokenizer", "scheduler", "cosmos_train_export.json",
+            "README.md", "vision_encoder", "model.safetensors.index.json"} <= exported
     assert exported - {"cosmos_train_export.json"} == {p.name for p in tiny_dir.iterdir()}  # all of the base, nothing lost
 
     merged = Cosmos3OmniPipeline.from_pretrained(str(tmp_path / "merged"))
     base = Cosmos3OmniPipeline.from_pretrained(str(tiny_dir))
     v_base = _velocity(base)
-    base.transformer.load_lora_adapter(str(tmp_path / "lora"), weight_name=LORA_WEIGHT_NAME)
+    base.transformer.load_lora_adapter(str(tmp_path / "lora"), weight_name=ADAPTER_WEIGHTS)
     v_lora, v_merged = _velocity(base), _velocity(merged)
     assert not torch.allclose(v_merged, v_base, atol=1e-3)  # the finetune is in there
     assert torch.allclose(v_merged, v_lora, atol=1e-4)  # merged == base + adapter
@@ -207,5 +209,8 @@ def test_bf16_base_with_fp32_trainable_weights_trains_and_exports(tiny_dir, tmp_
     weights = load_file(str(run_dir / "checkpoints/step-0000002/trainable.safetensors"))
     assert weights and all(w.dtype == torch.float32 for w in weights.values())
     info = export_run(run_dir, tmp_path / "export")  # verification tolerance for bf16 merges
-    saved = load_file(str(tmp_path / "export" / "transformer" / "diffusion_pytorch_model.safetensors"))
-    assert saved["embed_tokens.weight"].dtype == torch.bfloat16 and info["step"] == 2  # base dtype kept
+    from cosmos_train.models.layout import component_weight_map
+
+    shards = component_weight_map(tmp_path / "export" / "transformer")
+    stored = load_file(str(tmp_path / "export" / "transformer" / shards["proj_in.weight"]))
+    assert stored["proj_in.weight"].dtype == torch.float32 and info["step"] == 2  # the base's stored precision kept

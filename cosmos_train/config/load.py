@@ -207,6 +207,10 @@ def validate(cfg: S.RecipeConfig, where: str = "recipe") -> None:
     _check(g.logit_std > 0, where, "generator.logit_std", "must be > 0", g.logit_std)
     _check(g.shift is None or g.shift > 0, where, "generator.shift", "must be > 0", g.shift)
     _check(0.0 <= g.text_dropout < 1.0, where, "generator.text_dropout", "a probability in [0, 1)", g.text_dropout)
+    _check(0.0 <= g.template_dropout <= 1.0, where, "generator.template_dropout", "a probability in [0, 1]",
+           g.template_dropout)
+    _check(g.uncond_prompt in S.UNCOND_PROMPTS, where, "generator.uncond_prompt",
+           f"one of {', '.join(S.UNCOND_PROMPTS)}", g.uncond_prompt)
     latent_frames = (d.num_frames - 1) // 4 + 1
     if probs["v2v"] > 0:
         _check(1 <= g.v2v_condition_frames < latent_frames, where, "generator.v2v_condition_frames",

@@ -14,6 +14,7 @@ OBJECTIVES = ("generator", "reasoner")
 AVAILABLE_OBJECTIVES = ("generator", "reasoner")
 GENERATION_MODES = ("t2i", "t2v", "i2v", "v2v")
 SIGMA_SAMPLINGS = ("logit_normal", "uniform", "mode")
+UNCOND_PROMPTS = ("pipeline", "empty")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 FINETUNE_METHODS = ("lora", "full")
 FULL_TRAINABLE = ("gen", "all")
@@ -115,8 +116,18 @@ class GeneratorConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29  # SD3 "mode" density scale
     shift: Optional[float] = None  # defaults per tier: 256/480/720 -> 3/5/10
-    text_dropout: float = 0.1  # probability of training on the empty (unconditional) prompt
-    use_system_prompt: bool = True
+    text_dropout: float = 0.1  # probability of training on the unconditional prompt (CFG dropout)
+    # Prompt format (how the caption becomes tokens; see README "Prompt format" and models/prompt_format.py).
+    # The export records it and `cosmos-train generate` prompts the finetune the same way.
+    use_system_prompt: Optional[bool] = None  # the Cosmos 3 system prompt; None: the checkpoint's
+    #   model_index.json `default_use_system_prompt` (True when absent)
+    duration_template: bool = True  # append "The video is N seconds long and is of F FPS." (videos only)
+    resolution_template: bool = True  # append "This video/image is of HxW resolution."
+    template_dropout: float = 0.0  # per-sample probability of the OTHER template form (both templates off
+    #   when the recipe has them on, both on when off), so one finetune serves both forms
+    uncond_prompt: str = "pipeline"  # CFG-dropout prompt: pipeline = tokenize_prompt's unconditional prompt for
+    #   the sample's template form (inverse templates when on, bare empty prompt when off); empty = always the
+    #   bare empty prompt
 
 
 @dataclass

@@ -1,10 +1,14 @@
-"""Latent cache: every sample VAE-encoded once (normalized as the pipeline normalizes) with its prompt
-token ids, stored as safetensors shards plus a JSON index.
+"""Latent cache: every sample VAE-encoded once (normalized as the pipeline normalizes) with its captions,
+fps and pixel shape, stored as safetensors shards plus a JSON index.
+
+Prompt token ids are not cached: the objective builds them at draw time with the pipeline's
+`tokenize_prompt` (the prompt format, `generator.use_system_prompt` / templates / `template_dropout` /
+`uncond_prompt`, is a draw-time choice and changing it needs no re-encode).
 
 The cache is keyed by a fingerprint of everything that decides its contents: the data (records, file
-sizes and modification times, captions, windows), the VAE weights and config, the tokenizer, and the
-shaping settings (tier, pixel size, frame count, fps). Training uses a matching cache automatically and
-refuses a stale one, naming what changed.
+sizes and modification times, captions, windows), the VAE weights and config, and the shaping settings
+(tier, pixel size, frame count, fps). Training uses a matching cache automatically and refuses a stale
+one, naming what changed.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from safetensors.torch import save_file
 from cosmos_train.errors import UserError
 
 INDEX = "index.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: no prompt ids (built at draw time)
+READABLE_FORMATS = (2, 3)  # format 2's prompt ids are ignored; its latents are the same
 
 
 def _hash_file(path: Path, h) -> None:
@@ -76,17 +81,14 @@ class LatentCacheWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._shard = 0
 
-    def add(self, item, captions: list[tuple[str, list[int]]] | None = None) -> None:
+    def add(self, item, captions: list[str] | None = None) -> None:
         """`item`: a LatentSample (cosmos_train.objectives.generator); `captions`: every caption of the
-        record with its prompt ids, when it has several (one is drawn per epoch at training time)."""
+        record, when it has several (one is drawn per epoch at training time)."""
         key = f"s{len(self.entries)}"
-        captions = captions or [(item.caption, item.cond_ids)]
+        captions = list(captions or [item.caption])
         self._pending[f"{key}.latent"] = item.latent.float().contiguous()
-        for j, (_, ids) in enumerate(captions):
-            self._pending[f"{key}.cond_ids.{j}"] = torch.tensor(ids, dtype=torch.int64)
-        self._pending[f"{key}.uncond_ids"] = torch.tensor(item.uncond_ids, dtype=torch.int64)
         self.entries.append({"key": key, "shard": f"shard-{self._shard:05d}.safetensors",
-                             "captions": [c for c, _ in captions],
+                             "captions": captions,
                              "fps": item.fps, "num_frames": item.num_frames, "height": item.height,
                              "width": item.width, "source": item.source})
         if len(self.entries) % self.shard_size == 0:
@@ -136,8 +138,9 @@ def check_cache(cache_dir: Path, fingerprint: dict, recipe: str = "RECIPE") -> d
     if index is None:
         return None
     changes = describe_changes(fingerprint, index.get("fingerprint", {}))
-    if index.get("format") != FORMAT_VERSION:
-        changes.insert(0, f"cache format {index.get('format')} (this version reads {FORMAT_VERSION})")
+    if index.get("format") not in READABLE_FORMATS:
+        changes.insert(0, f"cache format {index.get('format')} (this version reads "
+                          f"{', '.join(map(str, READABLE_FORMATS))})")
     if changes:
         raise UserError(
             f"the latent cache at {cache_dir} is stale for this recipe:\n  " + "\n  ".join(changes)
@@ -178,10 +181,8 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         captions = e["captions"]
         caption = caption_for(SimpleNamespace(caption_candidates=tuple(captions), source=e["source"]), epoch,
                               self.caption_seed)
-        j = captions.index(caption)
         return LatentSample(
-            latent=f.get_tensor(f"{e['key']}.latent"), cond_ids=f.get_tensor(f"{e['key']}.cond_ids.{j}").tolist(),
-            uncond_ids=f.get_tensor(f"{e['key']}.uncond_ids").tolist(), caption=caption, fps=e["fps"],
+            latent=f.get_tensor(f"{e['key']}.latent"), caption=caption, fps=e["fps"],
             num_frames=e["num_frames"], height=e["height"], width=e["width"], source=e["source"],
         )
 

@@ -1,24 +1,34 @@
-"""Export a generator run: a full pipeline directory (LoRA merged) or a LoRA-only adapter.
+"""Export a generator run: the released-layout checkpoint (LoRA merged), or LoRA adapters only.
 
-The output is built in a temporary directory next to OUT_DIR and renamed into place only after it
-has verified itself: the exported transformer (or base + exported adapter) is reloaded from disk and
-its predictions on one fixed input must match the trained model's.
+Merged (default): a copy of the base checkpoint in its released layout (cosmos_train/models/layout.py) whose
+`transformer/` shards hold the trained weights, written once each in the stored dtype and file names; the root
+index is rebuilt, so diffusers (generator), transformers and vLLM (reasoner) and vLLM-Omni all load it, and a
+full finetune of the understanding pathway (`train.full_trainable: all`) changes the reasoner's language model
+too (there is one). `model_index.json` records the trained prompt format's `default_use_system_prompt`.
+LoRA only: the adapter for diffusers at OUT and a vLLM-Omni variant in OUT/vllm-omni (export/adapters.py).
+
+The output is built in a temporary directory next to OUT_DIR and renamed into place only after it has
+verified itself: the exported transformer (or base + exported adapter) is reloaded from disk and its
+prediction on one fixed input must match the trained model's; for the merged form, transformers' view of
+the same directory must read exactly the tensors in transformer/ (export/release.py). Every export carries a
+model card (README.md) and cosmos_train_export.json, neither naming a local path.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from cosmos_train.errors import UserError
+from cosmos_train.export.adapters import ADAPTER_WEIGHTS, write_generator_adapters
+from cosmos_train.export.model_card import public_name, write_model_card
+from cosmos_train.export.release import (changed_weights, set_default_use_system_prompt, verify_one_language_model,
+                                         verify_written_tensors, write_export_record)
+from cosmos_train.export.staging import load_saved_recipe_dict, open_run, staged_directory
 from cosmos_train.models import load_model, local_checkpoint_dir
-from cosmos_train.export.staging import open_run, staged_directory
+from cosmos_train.models.layout import is_release_layout, normalize_permissions, write_release_checkpoint
 from cosmos_train.trainer.adapters import ADAPTER_NAME, load_trainable_state_dict, setup_trainable
-
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name load_lora_adapter must be given
 # Relative tolerance on the fixed-input prediction: fp32 merges are exact up to summation order;
 # bf16 merges round W + BA once more.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
@@ -50,23 +60,16 @@ def _compare(reference: torch.Tensor, exported: torch.Tensor, dtype: torch.dtype
     return rel
 
 
-def save_diffusers_lora(transformer, path: Path) -> None:
-    """The adapter as diffusers LoRA files are laid out: keys under `transformer.`, the LoRA config (rank,
-    alpha, targets) in the safetensors metadata, so `load_lora_adapter(dir, weight_name=...)` rebuilds it."""
-    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
-    weights = {f"transformer.{k}": v.detach().float().cpu().contiguous() for k, v in state.items()}
-    config = {k: sorted(v) if isinstance(v, set) else v
-              for k, v in transformer.peft_config[ADAPTER_NAME].to_dict().items()}
-    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(
-        {f"transformer.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)}
-    save_file(weights, str(path), metadata=metadata)
+def _dtype_of(transformer) -> torch.dtype:
+    return transformer.embed_tokens.weight.dtype
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None, lora_only: bool = False) -> dict:
+    """Export RUN_DIR's checkpoint (latest, or `step`) to OUT_DIR: the released-layout checkpoint with the
+    trained transformer put in (default), or the LoRA adapters (`lora_only`); see the module docstring."""
+    from cosmos_train.config import load_saved_recipe
+    from cosmos_train.models.prompt_format import resolve_prompt_format
+
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg, checkpoint, weights, state = open_run(run_dir, out_dir, "generator", step)
     if lora_only and cfg.train.method != "lora":
@@ -76,35 +79,47 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
     setup_trainable(trained.transformer, cfg.train)
     load_trainable_state_dict(trained.transformer, cfg.train.method, weights)
     reference = _predict(trained)
-    dtype = trained.transformer.embed_tokens.weight.dtype
+    dtype = _dtype_of(trained.transformer)
+    prompt_format = resolve_prompt_format(cfg.generator, trained.default_use_system_prompt).to_dict()
+    base = public_name(cfg.model.pretrained)
+    info = {"objective": "generator", "checkpoint": checkpoint.name, "step": state["step"],
+            "method": cfg.train.method, "full_trainable": cfg.train.full_trainable if cfg.train.method == "full"
+            else None, "lora_only": lora_only, "base_model": base, "base_revision": cfg.model.revision,
+            "prompt_format": prompt_format}
 
     with staged_directory(out_dir) as tmp:
         if lora_only:
-            save_diffusers_lora(trained.transformer, tmp / LORA_WEIGHT_NAME)
+            info["adapters"] = write_generator_adapters(trained.transformer, tmp, base, ADAPTER_NAME)
             fresh = load_model(cfg)
-            fresh.transformer.load_lora_adapter(str(tmp), weight_name=LORA_WEIGHT_NAME, adapter_name=ADAPTER_NAME)
-            rel = _compare(reference, _predict(fresh), dtype, "base model + exported LoRA adapter")
+            fresh.transformer.load_lora_adapter(str(tmp), weight_name=ADAPTER_WEIGHTS, adapter_name=ADAPTER_NAME)
+            info["verification_max_relative_difference"] = _compare(
+                reference, _predict(fresh), dtype, "base model + exported LoRA adapter (diffusers)")
+            kind = "generator-adapter"
         else:
             transformer = trained.transformer
             if cfg.train.method == "lora":
                 transformer.fuse_lora(adapter_names=[ADAPTER_NAME])
                 transformer.unload_lora()
-            # fp32 trainable weights go back to the checkpoint's dtype (time_embedder stays fp32, as diffusers keeps it)
-            for name, param in transformer.named_parameters():
-                if param.dtype != dtype and not name.startswith("time_embedder."):
-                    param.data = param.data.to(dtype)
+            state_dict = transformer.state_dict()
+            new = {key: state_dict[key] for key in changed_weights(weights)}
             source = local_checkpoint_dir(cfg)
-            for item in source.iterdir():
-                if item.name in ("transformer",) or item.name.startswith("."):
-                    continue
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-            transformer.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
+            if not is_release_layout(source):
+                raise UserError(f"model.pretrained: {cfg.model.pretrained} is not in the released Cosmos 3 layout "
+                                "(root model.safetensors.index.json over transformer/ + vision_encoder/); "
+                                "a merged export rewrites that layout")
+            info["tensors_replaced"] = write_release_checkpoint(source, tmp, transformer=new)
+            set_default_use_system_prompt(tmp, prompt_format["use_system_prompt"])
+            info["tensors_verified"] = verify_written_tensors(tmp, new, {})
             from diffusers import Cosmos3OmniTransformer
 
             reloaded = Cosmos3OmniTransformer.from_pretrained(str(tmp / "transformer"), torch_dtype=dtype)
-            rel = _compare(reference, _predict(trained, reloaded), dtype, "exported transformer")
-        info = {"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint.name, "step": state["step"],
-                "method": cfg.train.method, "lora_only": lora_only, "base_model": cfg.model.pretrained,
-                "verification_max_relative_difference": rel}
-        (tmp / "cosmos_train_export.json").write_text(json.dumps(info, indent=2))
+            info["verification_max_relative_difference"] = _compare(
+                reference, _predict(trained, reloaded), dtype, "exported transformer (diffusers)")
+            del reloaded
+            info.update(verify_one_language_model(tmp, dtype))
+            kind = "generator-merged"
+        write_export_record(tmp, info)
+        write_model_card(tmp, kind=kind, cfg=cfg, recipe=load_saved_recipe_dict(run_dir), run_dir=run_dir,
+                         info=info, prompt_format=prompt_format)
+        normalize_permissions(tmp)
     return info

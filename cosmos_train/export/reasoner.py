@@ -1,27 +1,27 @@
-"""Export a reasoner run: a transformers directory (LoRA merged), or the whole unified checkpoint with its
-language pathway replaced.
+"""Export a reasoner run: the released-layout checkpoint (default), a plain transformers directory, or LoRA
+adapters.
 
-(a) default: `Cosmos3OmniForConditionalGeneration.from_pretrained(OUT_DIR)` loads it: config, weights (LoRA
-    merged, base dtype), generation config, tokenizer + chat template, image processor settings and the
-    video sampling settings (video_preprocessor_config.json).
-(b) `unified=True`: a copy of the base unified checkpoint (root + diffusers components) in which the finetuned
-    weights replace the originals: at the root (transformers' view: language model, and the vision tower /
-    merger when they trained) and in `transformer/` (diffusers' view: the und pathway `layers.N.self_attn.
-    to_q/...`, `mlp`, norms, `embed_tokens`, `lm_head`). The generation pathway (and VAE, sound tokenizer,
-    ...) is untouched, bit for bit, so `Cosmos3OmniPipeline.from_pretrained(OUT_DIR)` generates with the
-    finetuned understanding pathway.
+(a) default (`form="release"`): a copy of the base checkpoint in its released layout (models/layout.py) with the
+    finetuned weights put back where the release keeps them: the language model (the understanding pathway,
+    `layers.N.self_attn.to_q/...`, `mlp`, norms, `embed_tokens`, `lm_head`) in the `transformer/` shards, the
+    vision tower and merger in `vision_encoder/`; the root index is rebuilt. The generation pathway, VAE, sound
+    tokenizer, ... are untouched, bit for bit. transformers, vLLM's Cosmos 3 class and diffusers all load it,
+    and there is one language model (no root weights).
+(b) `form="transformers"`: `Cosmos3OmniForConditionalGeneration.save_pretrained` output (LoRA merged, base
+    dtype) with the generation config, tokenizer + chat template, image and video processor settings.
+(c) `lora_only`: the PEFT adapter for transformers at OUT and the vLLM variant in OUT/vllm (export/adapters.py).
 
-Both verify themselves before the output is renamed into place: the exported model is reloaded from disk and
-its logits on a fixed conversation (text + image) must match the trained model's (within the rounding of the
-checkpoint's dtype) and the merged in-memory model's (1e-4); (b) also checks every replaced / untouched
-tensor in `transformer/`. Output goes to a temporary directory next to OUT_DIR first, and
-never into a non-empty directory.
+Each verifies itself before the output is renamed into place: the exported model is reloaded from disk and its
+logits on a fixed conversation (text + image) must match the trained model's (within the rounding of the
+checkpoint's dtype) and the merged in-memory model's (1e-4); (a) also checks that transformers reads exactly
+the tensors in transformer/ + vision_encoder/ and that every generation-pathway tensor is the base's; (c) loads
+the adapter with PEFT onto the base. Output goes to a temporary directory next to OUT_DIR first, and never
+into a non-empty directory.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -81,13 +81,15 @@ def _compare(reference: torch.Tensor, exported: torch.Tensor, dtype: torch.dtype
     return rel
 
 
-def load_trained_reasoner(cfg, weights: dict):
-    """The recipe's base reasoner with its trainable setup and the checkpoint's trained weights."""
+def load_trained_reasoner(cfg, weights: dict | None):
+    """The recipe's base reasoner with its trainable setup and the checkpoint's trained weights (None: the
+    base alone)."""
     from cosmos_train.models.reasoner import load_reasoner, load_reasoner_trainable_state_dict, setup_reasoner_trainable
 
     reasoner = load_reasoner(cfg)
-    setup_reasoner_trainable(reasoner.model, cfg)
-    load_reasoner_trainable_state_dict(reasoner.model, weights)
+    if weights is not None:
+        setup_reasoner_trainable(reasoner.model, cfg)
+        load_reasoner_trainable_state_dict(reasoner.model, weights)
     return reasoner
 
 
@@ -122,150 +124,161 @@ def _save_processor_files(reasoner, out: Path, source: Path | None) -> None:
         (out / "video_preprocessor_config.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _safetensors_files(directory: Path) -> list[Path]:
-    index = sorted(directory.glob("*.safetensors.index.json"))
-    if index:
-        shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
-        return [directory / s for s in shards]
-    return sorted(directory.glob("*.safetensors"))
-
-
-def _replace_in_files(files: list[Path], new: dict[str, torch.Tensor]) -> set[str]:
-    """Rewrite the safetensors `files`, giving every key in `new` its new value (in the stored dtype)."""
+def _verify_generation_pathway(out: Path, source: Path, und: dict[str, torch.Tensor]) -> dict:
+    """diffusers' view: transformer/ loads as the generator, the understanding keys hold the finetuned values and
+    every other tensor (the generation pathway, its heads) is the base's, bit for bit."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
 
-    replaced: set[str] = set()
-    for path in files:
-        with safe_open(str(path), framework="pt") as fh:
-            keys = set(fh.keys())
-            metadata = fh.metadata() or {"format": "pt"}
-        hits = keys & set(new)
-        if not hits:
-            continue
-        tensors = load_file(str(path))
-        for key in hits:
-            if tuple(tensors[key].shape) != tuple(new[key].shape):
-                raise RuntimeError(f"{path.name}: {key} has shape {tuple(tensors[key].shape)}, the finetuned "
-                                   f"weight {tuple(new[key].shape)}")
-            tensors[key] = new[key].to(tensors[key].dtype).contiguous()
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-        replaced |= hits
-    return replaced
-
-
-def _verify_diffusers_transformer(out: Path, source: Path, new: dict[str, torch.Tensor]) -> dict:
-    """transformer/: replaced und keys hold the finetuned values, every other tensor is the source's, bitwise."""
-    from safetensors.torch import load_file
+    from cosmos_train.models.layout import TRANSFORMER_DIR, component_weight_map
 
     checked = {"replaced": 0, "untouched": 0}
-    for path in _safetensors_files(source / "transformer"):
-        original = load_file(str(path))
-        written = load_file(str(out / "transformer" / path.name))
-        if set(original) != set(written):
-            raise RuntimeError(f"export verification failed: transformer/{path.name} changed its keys")
-        for key, value in written.items():
-            if key in new:
-                if not torch.equal(value, new[key].to(value.dtype)):
-                    raise RuntimeError(f"export verification failed: transformer/{path.name}: {key} is not the "
-                                       "finetuned weight")
-                checked["replaced"] += 1
-            else:
-                if not torch.equal(value, original[key]):
-                    raise RuntimeError(f"export verification failed: transformer/{path.name}: {key} changed")
-                checked["untouched"] += 1
+    source_map = component_weight_map(source / TRANSFORMER_DIR)
+    written_map = component_weight_map(out / TRANSFORMER_DIR)
+    if source_map != written_map:
+        raise RuntimeError("export verification failed: transformer/ changed its keys; the export was not written")
+    for name in sorted(set(written_map.values())):
+        # write_release_checkpoint keeps the base's shard names and key assignment
+        with safe_open(str(source / TRANSFORMER_DIR / name), framework="pt") as original, \
+                safe_open(str(out / TRANSFORMER_DIR / name), framework="pt") as fh:
+            for key in fh.keys():
+                value = fh.get_tensor(key)
+                if key in und:
+                    if not torch.equal(value, und[key].to(value.dtype)):
+                        raise RuntimeError(f"export verification failed: transformer/{name}: {key} is not the "
+                                           "finetuned weight; the export was not written")
+                    checked["replaced"] += 1
+                elif not torch.equal(value, original.get_tensor(key)):
+                    raise RuntimeError(f"export verification failed: transformer/{name}: {key} changed; the "
+                                       "export was not written")
+                else:
+                    checked["untouched"] += 1
+    from diffusers import Cosmos3OmniTransformer
+
+    Cosmos3OmniTransformer.from_pretrained(str(out / TRANSFORMER_DIR))  # diffusers loads it (strict keys)
     return checked
 
 
+def _base_directory(cfg, pretrained: str) -> Path:
+    if Path(pretrained).is_dir():
+        return Path(pretrained)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(pretrained, revision=cfg.model.revision,
+                                      local_files_only=cfg.model.local_files_only))
+    except Exception as err:  # offline, unknown or gated repository: all user-fixable
+        raise UserError(f"model.pretrained: could not fetch '{pretrained}': {type(err).__name__}") from None
+
+
 def export_reasoner_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None,
-                        unified: bool = False) -> dict:
-    """Export RUN_DIR's checkpoint (latest, or `step`) to OUT_DIR; see the module docstring."""
+                        form: str = "release", lora_only: bool = False) -> dict:
+    """Export RUN_DIR's checkpoint (latest, or `step`) to OUT_DIR; see the module docstring.
+    `form`: `release` (the base checkpoint with the finetuned weights put back) or `transformers`."""
     from transformers import Cosmos3OmniForConditionalGeneration
 
-    from cosmos_train.models.reasoner import DTYPES, hf_key_to_unified, is_generator_key, resolve_reasoner_pretrained
+    from cosmos_train.export.adapters import write_reasoner_adapters
+    from cosmos_train.export.model_card import public_name, write_model_card
+    from cosmos_train.export.release import (changed_weights, verify_one_language_model, verify_written_tensors,
+                                             write_export_record)
+    from cosmos_train.export.staging import load_saved_recipe_dict
+    from cosmos_train.models.layout import is_release_layout, normalize_permissions, write_release_checkpoint
+    from cosmos_train.models.reasoner import (DTYPES, VISION_PREFIXES, Cosmos3Reasoner, hf_key_to_unified,
+                                              is_generator_key, load_processor, resolve_reasoner_pretrained)
 
+    if form not in ("release", "transformers"):
+        raise ValueError(f"unknown reasoner export form {form!r}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg, checkpoint, weights, state = open_run(run_dir, out_dir, "reasoner", step)
     dtype = DTYPES[cfg.model.dtype]
-
-    source = None
+    if lora_only and any(".lora_" not in k for k in weights):
+        raise UserError("--lora-only needs a run that trained only LoRA adapters; this run also trained whole "
+                        "weights (reasoner.vision / merger / language: full): export it merged instead")
     pretrained = resolve_reasoner_pretrained(cfg.model.pretrained)
-    if Path(pretrained).is_dir():
+    source = None
+    if form == "release" and not lora_only:
+        source = _base_directory(cfg, pretrained)
+        if not is_release_layout(source):
+            raise UserError(f"model.pretrained: {cfg.model.pretrained} is not in the released Cosmos 3 layout (root "
+                            "model.safetensors.index.json over transformer/ + vision_encoder/, as nvidia/Cosmos3-Nano); "
+                            "export with --transformers for a plain transformers directory")
+    elif Path(pretrained).is_dir():
         source = Path(pretrained)
-    elif unified:
-        from huggingface_hub import snapshot_download
 
-        source = Path(snapshot_download(pretrained, revision=cfg.model.revision,
-                                        local_files_only=cfg.model.local_files_only))
-    if unified and not (source / "model_index.json").is_file():
-        raise UserError(f"--unified needs a unified Cosmos 3 checkpoint as the base (model_index.json + "
-                        f"transformer/ beside config.json); {cfg.model.pretrained} has no model_index.json")
-
+    base = public_name(cfg.model.pretrained)
     reasoner = load_trained_reasoner(cfg, weights)
+    info = {"objective": "reasoner", "checkpoint": checkpoint.name, "step": state["step"], "base_model": base,
+            "base_revision": cfg.model.revision, "form": "lora-only" if lora_only else form}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cosmos-train-export-") as scratch_dir, \
             staged_directory(out_dir) as tmp:
         scratch = Path(scratch_dir)
         record = fixed_conversation(_fixed_image(scratch / "fixed.png"))
         reference = reasoner_logits(reasoner, record, cfg)
-        merged = finalize_weights(reasoner, dtype)
-        final = reasoner_logits(reasoner, record, cfg)  # merged, in the checkpoint's dtype: what is written
-        _compare(reference, final, dtype, "the merged model")
-        finetuned = {k: v.detach().cpu() for k, v in reasoner.model.state_dict().items()}
-        info = {"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint.name, "step": state["step"],
-                "base_model": cfg.model.pretrained, "unified": unified, "lora_layers_merged": merged}
-        if not unified:
-            # `generate` on the export samples with the documented Reasoner defaults (presence_penalty 1.5
-            # has no GenerationConfig field: cosmos_train.chat applies it)
-            from cosmos_train.models.tiny import REASONER_GENERATION_DEFAULTS
+        if lora_only:
+            from peft import PeftModel
 
-            for key, value in REASONER_GENERATION_DEFAULTS.items():
-                setattr(reasoner.model.generation_config, key, value)
-            reasoner.model.save_pretrained(str(tmp), safe_serialization=True)
-            _save_processor_files(reasoner, tmp, source)
+            info["adapters"] = write_reasoner_adapters(reasoner.model, weights, tmp, base)
+            fresh = load_trained_reasoner(cfg, None)
+            peft_model = PeftModel.from_pretrained(fresh.model, str(tmp))
+            _check_adapter_loaded(peft_model, tmp)
+            fresh.model = peft_model.merge_and_unload()
+            info["verification_max_relative_difference"] = _compare(
+                reference, reasoner_logits(fresh, record, cfg), dtype, "base model + exported adapter (PEFT)")
+            kind = "reasoner-adapter"
         else:
-            for item in source.iterdir():
-                if item.name.startswith("."):
-                    continue
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-            # only the weights that trained (a LoRA layer's base weight, or a fully trained parameter) are
-            # replaced: everything else stays as stored, whatever dtype training loaded it in
-            unified_new = {hf_key_to_unified(k): finetuned[k] for k in changed_weights(weights)}
-            root_replaced = _replace_in_files(_safetensors_files(tmp), unified_new)
-            missing = sorted(set(unified_new) - root_replaced)
-            if missing:
-                raise RuntimeError(f"export: the base checkpoint's root weights lack {missing[:3]}")
-            und_new = {k: v for k, v in unified_new.items() if not k.startswith(_VISION_UNIFIED)
-                       and not is_generator_key(k)}
-            _replace_in_files(_safetensors_files(tmp / "transformer"), und_new)
-            info["transformer_check"] = _verify_diffusers_transformer(tmp, source, und_new)
-            info["root_tensors_replaced"] = len(root_replaced)
-        reloaded = Cosmos3OmniForConditionalGeneration.from_pretrained(
-            str(tmp), dtype=dtype, attn_implementation=cfg.reasoner.attn_implementation)
-        from cosmos_train.models.reasoner import Cosmos3Reasoner, load_processor
+            merged = finalize_weights(reasoner, dtype)
+            final = reasoner_logits(reasoner, record, cfg)  # merged, in the checkpoint's dtype: what is written
+            _compare(reference, final, dtype, "the merged model")
+            finetuned = {k: v.detach().cpu() for k, v in reasoner.model.state_dict().items()}
+            info["lora_layers_merged"] = merged
+            if form == "transformers":
+                from cosmos_train.models.tiny import REASONER_GENERATION_DEFAULTS
 
-        tokenizer, image_processor, video = load_processor(str(tmp))
-        exported = Cosmos3Reasoner(reloaded, tokenizer, image_processor, video)
-        reloaded_logits = reasoner_logits(exported, record, cfg)
-        info["reload_max_relative_difference"] = _compare(final, reloaded_logits, torch.float32,
-                                                          "the reloaded export (transformers)")
-        info["verification_max_relative_difference"] = _compare(reference, reloaded_logits, dtype,
-                                                                 "the exported reasoner (transformers)")
-        (tmp / "cosmos_train_export.json").write_text(json.dumps(info, indent=2))
+                # `generate` on the export samples with the documented Reasoner defaults (presence_penalty 1.5
+                # has no GenerationConfig field: cosmos_train.chat applies it)
+                for key, value in REASONER_GENERATION_DEFAULTS.items():
+                    setattr(reasoner.model.generation_config, key, value)
+                reasoner.model.config.architectures = ["Cosmos3OmniForConditionalGeneration"]
+                reasoner.model.save_pretrained(str(tmp), safe_serialization=True)
+                _save_processor_files(reasoner, tmp, source)
+                kind = "reasoner-transformers"
+            else:
+                # only the weights that trained (a LoRA layer's base weight, or a fully trained parameter) are
+                # replaced: everything else stays as stored, whatever dtype training loaded it in
+                unified_new = {hf_key_to_unified(k): finetuned[k] for k in changed_weights(weights)}
+                vision_new = {k: v for k, v in unified_new.items() if k.startswith(VISION_PREFIXES)}
+                und_new = {k: v for k, v in unified_new.items()
+                           if k not in vision_new and not is_generator_key(k)}
+                info["tensors_replaced"] = write_release_checkpoint(source, tmp, transformer=und_new,
+                                                                    vision=vision_new)
+                info["tensors_verified"] = verify_written_tensors(tmp, und_new, vision_new)
+                info["transformer_check"] = _verify_generation_pathway(tmp, source, und_new)
+                info.update(verify_one_language_model(tmp, dtype))
+                kind = "reasoner-merged"
+            reloaded = Cosmos3OmniForConditionalGeneration.from_pretrained(
+                str(tmp), dtype=dtype, attn_implementation=cfg.reasoner.attn_implementation)
+            tokenizer, image_processor, video = load_processor(str(tmp))
+            exported = Cosmos3Reasoner(reloaded, tokenizer, image_processor, video)
+            reloaded_logits = reasoner_logits(exported, record, cfg)
+            info["reload_max_relative_difference"] = _compare(final, reloaded_logits, torch.float32,
+                                                              "the reloaded export (transformers)")
+            info["verification_max_relative_difference"] = _compare(reference, reloaded_logits, dtype,
+                                                                     "the exported reasoner (transformers)")
+        write_export_record(tmp, info)
+        write_model_card(tmp, kind=kind, cfg=cfg, recipe=load_saved_recipe_dict(run_dir), run_dir=run_dir, info=info)
+        normalize_permissions(tmp)
     return info
 
 
-_VISION_UNIFIED = ("blocks.", "merger.", "patch_embed.", "pos_embed.", "deepstack_merger_list.")
+def _check_adapter_loaded(peft_model, adapter_dir: Path) -> None:
+    """Every tensor of the adapter file landed in the PEFT model (PEFT only warns about names it skips)."""
+    from safetensors.torch import load_file
 
+    from cosmos_train.export.adapters import ADAPTER_WEIGHTS
 
-def changed_weights(trained: dict) -> list[str]:
-    """Model state-dict keys a checkpoint changes: LoRA layers' base weights and fully trained parameters."""
-    keys = set()
-    for name in trained:
-        if ".lora_" in name:
-            keys.add(name.split(".lora_")[0] + ".weight")
-        else:
-            keys.add(name)
-    return sorted(keys)
+    params = dict(peft_model.named_parameters())
+    for key, value in load_file(str(adapter_dir / ADAPTER_WEIGHTS)).items():
+        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        if name not in params or not torch.equal(params[name].detach().float().cpu(), value.float()):
+            raise RuntimeError(f"export verification failed: PEFT did not load {key} from the adapter; the export "
+                               "was not written")

@@ -59,3 +59,10 @@ def staged_directory(out_dir: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def load_saved_recipe_dict(run_dir: Path) -> dict:
+    """A run's saved recipe.yaml as plain data (for the model card)."""
+    import yaml
+
+    return yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text()) or {}

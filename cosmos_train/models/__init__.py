@@ -8,7 +8,7 @@ from pathlib import Path
 from cosmos_train.config.schema import RecipeConfig
 
 TINY = "tiny"  # `model.pretrained: tiny` is the built-in tiny random-weight checkpoint
-TINY_VERSION = "v2"  # v2: unified checkpoint (root config.json for transformers)
+TINY_VERSION = "v3"  # v3: the released layout (root index into transformer/ + vision_encoder/)
 
 
 def cache_root() -> Path:

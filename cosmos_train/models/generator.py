@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from cosmos_train.errors import UserError
+from cosmos_train.models.prompt_format import default_use_system_prompt_of, read_model_index
 from cosmos_train.models.sequence import TRANSFORMER_STATIC_KEYS, SequenceGeometry, build_vision_sequence
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -91,6 +92,8 @@ class Cosmos3Generator:
                 pretrained, subfolder="text_tokenizer", trust_remote_code=trust_remote_code, **common
             )
             scheduler = UniPCMultistepScheduler.from_pretrained(pretrained, subfolder="scheduler", **common)
+            # The checkpoint's prompt default (Edge: no system prompt), as Cosmos3OmniPipeline.from_pretrained reads it
+            default_use_system_prompt = default_use_system_prompt_of(read_model_index(pretrained, **common))
         except (OSError, ValueError, json.JSONDecodeError) as err:
             first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
             raise UserError(
@@ -100,7 +103,7 @@ class Cosmos3Generator:
             ) from None
         pipe = Cosmos3OmniPipeline(
             transformer=transformer, text_tokenizer=tokenizer, vae=vae, scheduler=scheduler,
-            enable_safety_checker=False,
+            enable_safety_checker=False, default_use_system_prompt=default_use_system_prompt,
         )
         return cls(pipe, transformer_config)
 
@@ -155,12 +158,20 @@ class Cosmos3Generator:
 
     # ---- inputs, as the pipeline builds them -----------------------------------------------
     def tokenize(self, caption: str, num_frames: int, height: int, width: int, fps: float,
-                 use_system_prompt: bool = True) -> tuple[list[int], list[int]]:
-        """(conditional, unconditional) token ids, built by the pipeline's own `tokenize_prompt`."""
+                 use_system_prompt: bool | None = True, *, add_duration_template: bool = True,
+                 add_resolution_template: bool = True) -> tuple[list[int], list[int]]:
+        """(conditional, unconditional) token ids, built by the pipeline's own `tokenize_prompt` (empty negative
+        prompt); `use_system_prompt=None` is the checkpoint's `default_use_system_prompt`."""
         return self.pipe.tokenize_prompt(
             caption, None, num_frames=num_frames, height=height, width=width, fps=fps,
-            use_system_prompt=use_system_prompt,
+            use_system_prompt=use_system_prompt, add_duration_template=add_duration_template,
+            add_resolution_template=add_resolution_template,
         )
+
+    @property
+    def default_use_system_prompt(self) -> bool:
+        """The checkpoint's `default_use_system_prompt` (model_index.json; True when absent)."""
+        return bool(self.pipe.config.default_use_system_prompt)
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -8,26 +8,21 @@ special tokens and a ChatML template) and written with `Cosmos3OmniPipeline.save
 for CPU tests (transformer well under 10 M parameters, one 2-step 9x64x64 generation in well under a
 second) and deterministic: the same `seed` gives bit-identical files.
 
-Layout written::
+Layout written: exactly the released nvidia/Cosmos3-Nano layout (cosmos_train/models/layout.py and
+../shared/notes/cosmos3-release-layout.md), so every loader reads the tiny as it reads the real one::
 
-    model_index.json
-    transformer/      config.json + diffusion_pytorch_model.safetensors
-    vae/              config.json + diffusion_pytorch_model.safetensors
-    sound_tokenizer/  config.json + diffusion_pytorch_model.safetensors
-    text_tokenizer/   tokenizer.json, tokenizer_config.json, chat template
-    scheduler/        scheduler_config.json
-
-and, at the root, the same checkpoint as the Reasoner (`transformers.Cosmos3OmniForConditionalGeneration`,
-the Qwen3-VL architecture) sees it, like the unified nvidia/Cosmos3-Nano repository::
-
-    config.json                     Cosmos3OmniConfig (model_type cosmos3_omni): text + tiny vision tower
-    model.safetensors               unified weights: the transformer's own keys (und + gen pathway, exactly the
-                                    tensors in transformer/) + the vision tower under blocks.*/merger.*/...;
-                                    transformers renames the und keys and drops the gen keys on load
-    generation_config.json          the documented Reasoner sampling defaults
-    tokenizer.json, tokenizer_config.json, chat_template.jinja   the same tokenizer as text_tokenizer/
-    preprocessor_config.json        Qwen2-VL image processor (PIL backend works without torchvision)
-    video_preprocessor_config.json  Qwen3-VL video sampling settings (read by cosmos_train, see data/conversations.py)
+    model_index.json                 Cosmos3OmniPipeline components (no vision_encoder entry)
+    config.json                      released form: Cosmos3ForConditionalGeneration / cosmos3_omni, `model`
+                                     section, allow_patterns_overrides, Qwen3-VL text (rope_scaling with mRoPE
+                                     sections that fit the tiny head) and vision sub-configs
+    model.safetensors.index.json     ONE root weight map into transformer/ and vision_encoder/; no root weights
+    transformer/                     config.json, 2 shards diffusion_pytorch_model-0000k-of-00002 + their index
+    vision_encoder/                  config.json + model.safetensors (Qwen3VLVisionModel, bare keys blocks.*, ...)
+    vae/, sound_tokenizer/           config.json + diffusion_pytorch_model.safetensors
+    text_tokenizer/, scheduler/      the pipeline's tokenizer and UniPC config
+    tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, chat_template.json,
+    preprocessor_config.json, video_preprocessor_config.json, generation_config.json   (Qwen3-VL files)
+    checkpoint.json, README.md
 """
 
 from __future__ import annotations
@@ -40,6 +35,9 @@ from pathlib import Path
 import torch
 
 from cosmos_train.errors import UserError
+from cosmos_train.models.layout import normalize_permissions
+
+TINY_SHARD_SIZE = "10MB"  # the tiny transformer is ~17 MB in fp32: two shards
 
 # ---------------------------------------------------------------------------------------------
 # Tiny configurations. Keys not listed keep the diffusers defaults, which are the Nano values
@@ -519,35 +517,98 @@ def _build_vision_tower(config, seed: int):
     return tower
 
 
-def write_tiny_reasoner(root: Path, pipe, seed: int = 0) -> None:
-    """Write the Reasoner's view of the tiny checkpoint at `root` (see the module docstring).
+def released_root_config(config) -> dict:
+    """The root config.json in the released form: Qwen3-VL-8B's hub config shape (explicit `rope_scaling`
+    with the mRoPE sections, `rope_theta` beside it, vision model_type `qwen3_vl`) under the architecture
+    name vLLM serves, with the framework's `model` section and the loader hint for the sub-folder weights.
+    transformers reads it as it reads the real one (it maps rope_scaling to rope_parameters itself)."""
+    from cosmos_train.models.layout import ALLOW_PATTERNS_OVERRIDES, RELEASED_ARCHITECTURE
 
-    The root weights hold the transformer's state dict unchanged (so the und pathway the two libraries share
-    is the same tensors) plus the vision tower's keys without prefix, as the unified checkpoint stores them.
-    """
+    data = config.to_diff_dict()
+    data["text_config"] = config.text_config.to_diff_dict()
+    data["vision_config"] = config.vision_config.to_diff_dict()
+    data.pop("transformers_version", None)
+    text = data["text_config"]
+    rope = dict(text.pop("rope_parameters"))
+    text["rope_theta"] = rope.pop("rope_theta")
+    text["rope_scaling"] = rope  # {"rope_type": "default", "mrope_section": [...], "mrope_interleaved": true}
+    vision = data["vision_config"]
+    vision.pop("rope_parameters", None)  # not in the hub form: the vision rotary embedding has fixed settings
+    vision["model_type"] = "qwen3_vl"
+    for sub in (text, vision):
+        for key in ("transformers_version", "dtype", "architectures"):
+            sub.pop(key, None)
+        if sub.get("pad_token_id", 0) is None:
+            del sub["pad_token_id"]
+    data.update({
+        "architectures": [RELEASED_ARCHITECTURE],
+        "model_type": "cosmos3_omni",
+        "allow_patterns_overrides": list(ALLOW_PATTERNS_OVERRIDES),
+        # the official framework's own model config (what its trainer builds); other loaders ignore it
+        "model": {"_target": "omni_mot_model", "name": "cosmos3_tiny", "num_layers": text["num_hidden_layers"],
+                  "hidden_size": text["hidden_size"], "sound_gen": True, "action_gen": True},
+    })
+    return data
+
+
+def write_tiny_reasoner(root: Path, pipe, seed: int = 0) -> None:
+    """Write the released layout's reasoner side at `root`: the root config, the vision tower in
+    `vision_encoder/` (as `Qwen3VLVisionModel.save_pretrained` writes it, bare keys), the root weight index
+    over `transformer/` + `vision_encoder/` (no root weights: the language model exists once, in the
+    transformer shards), and the Qwen3-VL tokenizer / processor / generation files at the root."""
     import json
 
-    from safetensors.torch import save_file
     from transformers import GenerationConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from cosmos_train.models.layout import VISION_DIR, write_root_index
 
     tokenizer = pipe.text_tokenizer
     config = build_tiny_reasoner_config(tokenizer)
     tower = _build_vision_tower(config, seed)
-    unified = {k: v.detach().contiguous().clone() for k, v in pipe.transformer.state_dict().items()}
-    for key, value in tower.state_dict().items():
-        if key in unified:
-            raise RuntimeError(f"tiny: vision key {key} collides with a transformer key")
-        unified[key] = value.detach().contiguous().clone()
-    save_file(unified, str(root / "model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(root)
+    transformer_keys = set(pipe.transformer.state_dict())
+    clash = sorted(set(tower.state_dict()) & transformer_keys)
+    if clash:
+        raise RuntimeError(f"tiny: vision keys {clash[:3]} collide with transformer keys")
+    tower.save_pretrained(root / VISION_DIR, safe_serialization=True)
+    (root / "config.json").write_text(json.dumps(released_root_config(config), indent=2, sort_keys=True) + "\n")
+    write_root_index(root)
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     GenerationConfig(**REASONER_GENERATION_DEFAULTS, eos_token_id=eos,
                      pad_token_id=tokenizer.pad_token_id).save_pretrained(root)
     tokenizer.save_pretrained(root)
+    _released_tokenizer_files(root, tokenizer)
     Qwen2VLImageProcessorPil(**TINY_IMAGE_PROCESSOR_CONFIG).save_pretrained(root)
     (root / "video_preprocessor_config.json").write_text(json.dumps(TINY_VIDEO_PROCESSOR_CONFIG, indent=2,
                                                                     sort_keys=True) + "\n")
+    (root / "checkpoint.json").write_text("{}\n")
+    (root / "README.md").write_text(TINY_MODEL_CARD)
+
+
+def _released_tokenizer_files(root: Path, tokenizer) -> None:
+    """The Qwen tokenizer files as the release ships them: vocab.json + merges.txt beside tokenizer.json, and
+    the chat template in tokenizer_config.json and chat_template.json (the processor's file), not a .jinja."""
+    import json
+
+    tokenizer.backend_tokenizer.model.save(str(root))  # vocab.json, merges.txt
+    template = tokenizer.chat_template
+    (root / "chat_template.jinja").unlink(missing_ok=True)
+    tok_cfg = json.loads((root / "tokenizer_config.json").read_text())
+    tok_cfg["chat_template"] = template
+    (root / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+    (root / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
+
+
+TINY_MODEL_CARD = """\
+---
+library_name: diffusers
+tags: [cosmos3, tiny, random-weights, test-fixture]
+---
+# Tiny random-weight Cosmos 3 (cosmos_train fixture)
+
+Written by `cosmos-train make-tiny`: random weights in exactly the file layout of nvidia/Cosmos3-Nano, for
+CPU tests and the demo. It generates noise-like video and answers gibberish until trained.
+"""
 
 
 def build_tiny_pipeline(seed: int = 0):
@@ -595,9 +656,10 @@ def make_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     pipe = build_tiny_pipeline(seed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        # transformer/ in 2 shards with its index, as the release shards it (7 shards for Nano)
+        pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size=TINY_SHARD_SIZE)
         write_tiny_reasoner(tmp, pipe, seed)
-        _normalize_written_files(tmp)
+        normalize_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -605,11 +667,3 @@ def make_tiny(out_dir: str | Path, seed: int = 0) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _normalize_written_files(root: Path) -> None:
-    """Give the tree ordinary permissions (mkdtemp and safetensors create owner-only entries)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [root, *root.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -1,10 +1,12 @@
 """The generator objective, as Cosmos 3 is trained, in three steps:
 
-1. `encode`: decoded pixels -> `LatentSample` (normalized VAE latent + the pipeline's prompt token ids).
+1. `encode`: decoded pixels -> `LatentSample` (normalized VAE latent + caption, fps and pixel shape).
    This is the expensive, deterministic part: what `cosmos-train prepare` caches.
 2. `draw`: `LatentSample` -> `NoisedSample`: pick a conditioning mode (t2i / t2v / i2v / v2v) by recipe
-   probability, drop the text to the pipeline's unconditional prompt with the CFG-dropout probability,
-   draw sigma (density + shift) and noise the non-conditioning latent frames.
+   probability, the prompt's template form (`generator.template_dropout`), drop the text to the
+   unconditional prompt (`generator.uncond_prompt`) with the CFG-dropout probability, draw sigma
+   (density + shift) and noise the non-conditioning latent frames. Prompt ids come from the pipeline's own
+   `tokenize_prompt` here, at draw time (lru-cached), so the prompt format never keys the latent cache.
 3. `loss`: regress v = eps - x0 on the noisy frames only, one transformer forward per sample or several
    samples packed into one forward (each sample's loss is its own mean; the step loss is their mean).
 """
@@ -18,6 +20,7 @@ import torch
 
 from cosmos_train.config.schema import GENERATION_MODES, GeneratorConfig
 from cosmos_train.data.packing import sample_token_count
+from cosmos_train.models.prompt_format import PromptFormat, resolve_prompt_format
 from cosmos_train.objectives.flow_matching import (
     flow_match_target,
     masked_mse,
@@ -43,9 +46,7 @@ class LatentSample:
     """One encoded sample: everything a training step needs that does not depend on randomness."""
 
     latent: torch.Tensor  # [C, T, H, W] float32, normalized as the pipeline normalizes
-    cond_ids: list[int]  # the pipeline's prompt for (caption, num_frames, height, width, fps)
-    uncond_ids: list[int]  # the pipeline's unconditional (empty negative) prompt for the same shape
-    caption: str
+    caption: str  # prompt ids are built from caption + shape + fps at draw time
     fps: float
     num_frames: int  # pixel frames
     height: int
@@ -67,6 +68,7 @@ class NoisedSample:
     mode: str
     dropped_text: bool
     source: str = ""
+    templates_on: bool = True  # the prompt's template form (PromptFormat.pipeline_kwargs)
 
     @property
     def timestep(self) -> float:
@@ -90,10 +92,25 @@ class GeneratorObjective:
         self.cfg = cfg
         self.shift = shift
         self.generator = torch.Generator().manual_seed(seed)
+        # what the exporter records and `generate` reproduces
+        self.prompt_format: PromptFormat = resolve_prompt_format(cfg, model.default_use_system_prompt)
         self._tokenize = lru_cache(maxsize=4096)(self._tokenize_uncached)
 
-    def _tokenize_uncached(self, caption, num_frames, height, width, fps):
-        return self.model.tokenize(caption, num_frames, height, width, fps, self.cfg.use_system_prompt)
+    def _tokenize_uncached(self, caption, num_frames, height, width, fps, templates_on):
+        """(cond ids, uncond ids) of a template form, both from the pipeline's own `tokenize_prompt`."""
+        fmt = self.prompt_format
+        shape = (num_frames, height, width, fps)
+        cond, uncond = self.model.tokenize(caption, *shape, **fmt.pipeline_kwargs(templates_on))
+        if fmt.uncond_kwargs(templates_on) != fmt.pipeline_kwargs(templates_on):
+            uncond = self.model.tokenize(caption, *shape, **fmt.uncond_kwargs(templates_on))[1]
+        return tuple(cond), tuple(uncond)
+
+    def prompt_ids(self, caption: str, num_frames: int, height: int, width: int, fps: float,
+                   templates_on: bool | None = None) -> tuple[list[int], list[int]]:
+        """(cond, uncond) ids a sample of this shape trains on; `templates_on` None: the recipe's own form."""
+        on = self.prompt_format.templates_on if templates_on is None else templates_on
+        cond, uncond = self._tokenize(caption, num_frames, height, width, float(fps), on)
+        return list(cond), list(uncond)
 
     # ---- 1. encode (deterministic, cacheable) -------------------------------------------------
     def encode(self, sample: dict) -> LatentSample:
@@ -101,15 +118,9 @@ class GeneratorObjective:
         pixels = sample["pixels"]
         num_frames, height, width = (int(x) for x in pixels.shape[1:])
         fps = float(sample["fps"])
-        cond_ids, uncond_ids = self._tokenize(sample["caption"], num_frames, height, width, fps)
         latent = self.model.encode_pixels(pixels)[0].cpu()
-        return LatentSample(latent=latent, cond_ids=list(cond_ids), uncond_ids=list(uncond_ids),
-                            caption=sample["caption"], fps=fps, num_frames=num_frames, height=height,
-                            width=width, source=sample.get("source", ""))
-
-    def prompt_ids(self, caption: str, item: LatentSample) -> list[int]:
-        """The pipeline's prompt ids for another caption of the same sample (same shape and fps)."""
-        return list(self._tokenize(caption, item.num_frames, item.height, item.width, item.fps)[0])
+        return LatentSample(latent=latent, caption=sample["caption"], fps=fps, num_frames=num_frames,
+                            height=height, width=width, source=sample.get("source", ""))
 
     # ---- 2. draw (random) -------------------------------------------------------------------------
     def _uniform(self) -> float:
@@ -125,15 +136,25 @@ class GeneratorObjective:
                 return mode
         return next(m for m in reversed(GENERATION_MODES) if getattr(self.cfg.modes, m) > 0)
 
+    def choose_templates(self) -> bool:
+        """The template form of one sample: the recipe's own, or the other with `template_dropout`.
+        No random number is drawn when template_dropout is 0 (the stream stays as before the key existed)."""
+        own = self.prompt_format.templates_on
+        if self.prompt_format.template_dropout <= 0.0:
+            return own
+        return (not own) if self._uniform() < self.prompt_format.template_dropout else own
+
     def draw(self, item: LatentSample) -> NoisedSample:
         mode = self.choose_mode(item.num_frames)
-        latent, cond_ids, uncond_ids = item.latent, item.cond_ids, item.uncond_ids
+        latent, num_frames = item.latent, item.num_frames
         if mode == "t2i" and item.num_frames > 1:
             # A clip trained as an image: its first frame. The VAE is causal in time, so latent frame 0 of
             # the clip is exactly the latent of pixel frame 0; the prompt becomes the image prompt.
-            latent = latent[:, :1]
-            cond_ids, uncond_ids = self._tokenize(item.caption, 1, item.height, item.width, item.fps)
+            latent, num_frames = latent[:, :1], 1
         dropped = self._uniform() < self.cfg.text_dropout
+        templates_on = self.choose_templates()
+        cond_ids, uncond_ids = self.prompt_ids(item.caption, num_frames, item.height, item.width, item.fps,
+                                               templates_on)
         x0 = latent.unsqueeze(0).float()
         clean = clean_frames_for_mode(mode, x0.shape[2], self.cfg.v2v_condition_frames)
         sigma = float(sample_sigma(
@@ -144,7 +165,7 @@ class GeneratorObjective:
         return NoisedSample(
             input_ids=list(uncond_ids if dropped else cond_ids), x0=x0, noise=noise,
             xt=noise_latent_frames(x0, noise, sigma, clean), sigma=sigma, clean_frames=clean, fps=item.fps,
-            mode=mode, dropped_text=dropped, source=item.source,
+            mode=mode, dropped_text=dropped, source=item.source, templates_on=templates_on,
         )
 
     @staticmethod

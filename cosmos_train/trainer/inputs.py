@@ -31,11 +31,13 @@ def cache_location(cfg: RecipeConfig) -> Path:
 
 
 def cache_fingerprint(cfg: RecipeConfig, dataset: GeneratorDataset, checkpoint_dir: Path) -> dict:
-    """Everything that decides what the cache holds (per-sample sizes follow from the data + buckets)."""
+    """Everything that decides what the cache holds (per-sample sizes follow from the data + buckets).
+
+    Not the tokenizer nor the prompt format (`generator.use_system_prompt`, templates, template_dropout,
+    uncond_prompt): prompt ids are built at draw time, so changing them needs no re-encode."""
     return {
         "data": data_fingerprint(dataset.records),
         "vae": hash_directory(checkpoint_dir / "vae"),
-        "tokenizer": hash_directory(checkpoint_dir / "text_tokenizer"),
         "vae_dtype": cfg.model.vae_dtype,
         "resolution": cfg.data.resolution,
         "sizes": hashlib.sha256(json.dumps([dataset.size_of(i) for i in range(len(dataset))]).encode()).hexdigest()[:16],
@@ -43,7 +45,6 @@ def cache_fingerprint(cfg: RecipeConfig, dataset: GeneratorDataset, checkpoint_d
         "caption_seed": dataset.seed,
         "num_frames": cfg.data.num_frames,
         "fps": cfg.data.fps,
-        "use_system_prompt": cfg.generator.use_system_prompt,
     }
 
 

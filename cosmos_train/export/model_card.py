@@ -1,0 +1,187 @@
+"""The README.md model card every export writes: what this checkpoint is, how it was made, how to serve it.
+
+Nothing in it names a path on the machine that exported it: local paths (the base checkpoint, data files)
+appear as their last component only (`local:NAME`), so a card can be published as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+_ABSOLUTE = re.compile(r"^(/|~|[A-Za-z]:[\\/])")
+
+
+def public_name(value: str) -> str:
+    """A local path becomes `local:<last component>`; hub ids and other strings stay as they are."""
+    if isinstance(value, str) and (_ABSOLUTE.match(value) or value.startswith(("./", "../"))):
+        return f"local:{Path(value.rstrip('/')).name}"
+    return value
+
+
+def scrub_paths(data):
+    """`data` (dicts, lists, strings) with every local path replaced by `public_name`."""
+    if isinstance(data, dict):
+        return {k: scrub_paths(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [scrub_paths(v) for v in data]
+    return public_name(data) if isinstance(data, str) else data
+
+
+def run_summary(run_dir: Path) -> dict:
+    """Final / first training loss and data summary of a run, from the files the trainer writes."""
+    run_dir = Path(run_dir)
+    out: dict = {}
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        losses = [r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))]
+        if losses:
+            tail = losses[-min(len(losses), 20):]
+            out.update(first_loss=losses[0], final_loss=tail[-1], final_loss_mean_last_20=sum(tail) / len(tail),
+                       steps_logged=len(losses))
+        for key in ("val_loss", "validation_loss"):
+            vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+            if vals:
+                out["validation_loss"] = vals[-1]
+    data_info = run_dir / "data_info.json"
+    if data_info.is_file():
+        info = json.loads(data_info.read_text())
+        sources = info.get("sources") or []
+        out["data"] = {"sources": [scrub_paths({k: s.get(k) for k in ("name", "kind", "size", "weight") if k in s})
+                                   for s in sources],
+                       "epoch_size": info.get("epoch_size"), "skipped": info.get("skipped")}
+    return out
+
+
+def _snippets(kind: str, repo: str, prompt_kwargs: dict, default_system: bool) -> str:
+    flags = ", ".join(f"{k}={v}" for k, v in prompt_kwargs.items())
+    load_pipe = (f'pipe = Cosmos3OmniPipeline.from_pretrained("{repo}", torch_dtype=torch.bfloat16).to("cuda")')
+    diffusers_call = (f'video = pipe(prompt="A robot arm stacks two red cubes.", {flags}).video'
+                      if flags else 'video = pipe(prompt="A robot arm stacks two red cubes.").video')
+    if kind == "generator-adapter":
+        return f"""### diffusers (adapter on the base pipeline)
+```python
+import torch
+from diffusers import Cosmos3OmniPipeline
+pipe = Cosmos3OmniPipeline.from_pretrained("BASE_MODEL", torch_dtype=torch.bfloat16).to("cuda")
+pipe.transformer.load_lora_adapter("{repo}", weight_name="adapter_model.safetensors", adapter_name="finetune")
+{diffusers_call}
+```
+
+### vLLM-Omni (adapter in its module names: the `vllm-omni/` folder)
+```bash
+vllm serve BASE_MODEL --omni --model-class-name Cosmos3OmniDiffusersPipeline --enable-lora \\
+    --lora-modules finetune={repo}/vllm-omni
+```
+"""
+    if kind == "reasoner-adapter":
+        return f"""### transformers + PEFT (this folder)
+```python
+from peft import PeftModel
+from transformers import AutoProcessor, Cosmos3OmniForConditionalGeneration
+model = Cosmos3OmniForConditionalGeneration.from_pretrained("BASE_MODEL", dtype="bfloat16", device_map="auto")
+model = PeftModel.from_pretrained(model, "{repo}")
+processor = AutoProcessor.from_pretrained("BASE_MODEL")
+```
+
+### vLLM (adapter in the Cosmos 3 class's names: the `vllm/` folder)
+```bash
+vllm serve BASE_MODEL --enable-lora --max-lora-rank RANK --lora-modules finetune={repo}/vllm
+```
+"""
+    text = f"""### diffusers (generator)
+```python
+import torch
+from diffusers import Cosmos3OmniPipeline
+{load_pipe}
+{diffusers_call}
+```
+The pipeline's `default_use_system_prompt` is `{str(default_system).lower()}` here, as trained.
+
+### transformers (reasoner)
+```python
+from transformers import AutoProcessor, Cosmos3OmniForConditionalGeneration
+model = Cosmos3OmniForConditionalGeneration.from_pretrained("{repo}", dtype="bfloat16", device_map="auto")
+processor = AutoProcessor.from_pretrained("{repo}")
+```
+
+### vLLM (reasoner serving)
+```bash
+vllm serve {repo}
+```
+
+### vLLM-Omni (generator serving)
+```bash
+vllm serve {repo} --omni --model-class-name Cosmos3OmniDiffusersPipeline
+```
+"""
+    return text
+
+
+def write_model_card(out: Path, *, kind: str, cfg, recipe: dict, run_dir: Path, info: dict,
+                     prompt_format: dict | None = None) -> None:
+    """OUT/README.md. `kind`: generator-merged | reasoner-merged | generator-adapter | reasoner-adapter |
+    reasoner-transformers."""
+    summary = run_summary(run_dir)
+    base = public_name(cfg.model.pretrained)
+    repo = "THIS_DIRECTORY_OR_HUB_ID"
+    trained = _what_trained(cfg)
+    prompt_kwargs: dict = {}
+    default_system = True
+    if prompt_format:
+        default_system = bool(prompt_format.get("use_system_prompt", True))
+        if not prompt_format.get("duration_template", True) or not prompt_format.get("resolution_template", True):
+            prompt_kwargs = {"add_duration_template": bool(prompt_format.get("duration_template", True)),
+                             "add_resolution_template": bool(prompt_format.get("resolution_template", True))}
+            if prompt_format.get("uncond_prompt") == "empty" or not any(prompt_kwargs.values()):
+                prompt_kwargs["negative_prompt"] = '""'
+    lines = [
+        "---",
+        f"base_model: {base}",
+        "library_name: diffusers" if cfg.objective == "generator" else "library_name: transformers",
+        f"tags: [cosmos3, cosmos_train, {cfg.objective}, {cfg.train.method}]",
+        "---",
+        f"# {cfg.objective.capitalize()} finetune of {base}",
+        "",
+        f"Exported by cosmos_train ({kind}) from checkpoint `{info.get('checkpoint')}` (step {info.get('step')}).",
+        "",
+        "## How it was made",
+        f"- Base model: `{base}`" + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else ""),
+        f"- Objective: {cfg.objective} ({'flow matching' if cfg.objective == 'generator' else 'next-token SFT'})",
+        f"- What trained: {trained}",
+    ]
+    if prompt_format:
+        lines.append(f"- Prompt format: `{json.dumps(prompt_format, sort_keys=True)}`: prompt it the same way "
+                     "(`cosmos-train generate` does this by itself)")
+    for key in ("first_loss", "final_loss_mean_last_20", "validation_loss"):
+        if key in summary:
+            lines.append(f"- {key.replace('_', ' ')}: {summary[key]:.4f}")
+    if "data" in summary:
+        lines.append(f"- Data: `{json.dumps(summary['data'], sort_keys=True)}`")
+    if "verification_max_relative_difference" in info:
+        lines.append(f"- Verified on export: max relative difference to the trained model "
+                     f"{info['verification_max_relative_difference']:.2e}")
+    lines += ["", "## Load or serve it", "", _snippets(kind, repo, prompt_kwargs, default_system).strip(), "",
+              f"Replace `{repo}` with this directory (or the hub id you publish it under)"
+              + (" and `BASE_MODEL` with the base checkpoint." if "adapter" in kind else "."), "",
+              "## Recipe", "", "```yaml", yaml.safe_dump(scrub_paths(recipe), sort_keys=False).strip(), "```", ""]
+    (Path(out) / "README.md").write_text("\n".join(lines))
+
+
+def _what_trained(cfg) -> str:
+    t = cfg.train
+    if cfg.objective == "reasoner":
+        r = cfg.reasoner
+        parts = [f"language: {r.language or t.method}", f"vision: {r.vision}", f"merger: {r.merger}"]
+        lora = f" (LoRA rank {t.lora.rank}, alpha {t.lora.alpha})" if "lora" in (r.language or t.method, r.vision) else ""
+        return ", ".join(parts) + lora
+    if t.method == "lora":
+        return (f"LoRA rank {t.lora.rank}, alpha {t.lora.alpha} on {', '.join(t.lora.target_modules)} "
+                "(generation pathway; the reasoner's language model is unchanged)" if t.lora.target_modules else "LoRA")
+    return ("full finetuning of the generation pathway, time embedder and latent projections" if
+            t.full_trainable == "gen" else "full finetuning of every weight (understanding pathway included: the "
+            "reasoner's language model changed too)")
