@@ -80,7 +80,7 @@ def main() -> int:
           f"{result['loss_first']:.4f} -> {result['loss_last']:.4f} "
           f"({result['loss_first'] / result['loss_last']:.1f}x lower)")
     print(f"run:    {result['run']}   (recipe.yaml, metrics.jsonl, checkpoints/)")
-    print(f"export: {result['export']}   (Cosmos3OmniPipeline.from_pretrained loads it; "
+    print(f"export: {result['export']}   (released layout: diffusers, transformers, vLLM and vLLM-Omni load it; "
           f"verified to {result['verify']:.1e})")
     print(f"video:  {result['video']}")
     (out_root / "demo_summary.json").write_text(json.dumps({k: str(v) for k, v in result.items()}, indent=2))

@@ -95,6 +95,24 @@ def test_generator_full_finetune_exports_one_language_model(tiny_dir, tmp_path, 
     if trainable == "all":
         assert torch.equal(_stored(out, "transformer", und_key), trained[und_key])
     _assert_publishable(out, tmp_path, tiny_dir)
+    _assert_publishable(run / "checkpoints")  # checkpoints are readable by other accounts too
+
+
+def test_prompt_format_is_carried_into_the_export(tiny_dir, tmp_path):
+    """Trained without the system prompt and without templates: the stock pipeline loaded from the export
+    defaults to no system prompt, and the record / card say how to prompt it."""
+    from diffusers import Cosmos3OmniPipeline
+
+    run = _run(tiny_dir, tmp_path / "run", "t2v_lora.yaml", "generator.use_system_prompt=false",
+               "generator.duration_template=false", "generator.resolution_template=false")
+    out = tmp_path / "export"
+    export_run(run, out)
+    assert json.loads((out / "model_index.json").read_text())["default_use_system_prompt"] is False
+    assert Cosmos3OmniPipeline.from_pretrained(str(out)).config.default_use_system_prompt is False
+    fmt = json.loads((out / "cosmos_train_export.json").read_text())["prompt_format"]
+    assert (fmt["use_system_prompt"], fmt["duration_template"], fmt["resolution_template"]) == (False, False, False)
+    card = (out / "README.md").read_text()
+    assert "add_duration_template=False" in card and "add_resolution_template=False" in card
 
 
 def test_merged_export_refuses_a_root_weight_copy(tiny_dir, tmp_path, monkeypatch):

@@ -25,9 +25,9 @@ from cosmos_train.export.adapters import ADAPTER_WEIGHTS, write_generator_adapte
 from cosmos_train.export.model_card import public_name, write_model_card
 from cosmos_train.export.release import (changed_weights, set_default_use_system_prompt, verify_one_language_model,
                                          verify_written_tensors, write_export_record)
-from cosmos_train.export.staging import load_saved_recipe_dict, open_run, staged_directory
+from cosmos_train.export.staging import load_saved_recipe_dict, normalize_permissions, open_run, staged_directory
 from cosmos_train.models import load_model, local_checkpoint_dir
-from cosmos_train.models.layout import is_release_layout, normalize_permissions, write_release_checkpoint
+from cosmos_train.models.layout import is_release_layout, write_release_checkpoint
 from cosmos_train.trainer.adapters import ADAPTER_NAME, load_trainable_state_dict, setup_trainable
 # Relative tolerance on the fixed-input prediction: fp32 merges are exact up to summation order;
 # bf16 merges round W + BA once more.

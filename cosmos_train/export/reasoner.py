@@ -181,7 +181,8 @@ def export_reasoner_run(run_dir: str | Path, out_dir: str | Path, *, step: int |
     from cosmos_train.export.release import (changed_weights, verify_one_language_model, verify_written_tensors,
                                              write_export_record)
     from cosmos_train.export.staging import load_saved_recipe_dict
-    from cosmos_train.models.layout import is_release_layout, normalize_permissions, write_release_checkpoint
+    from cosmos_train.export.staging import normalize_permissions
+    from cosmos_train.models.layout import is_release_layout, write_release_checkpoint
     from cosmos_train.models.reasoner import (DTYPES, VISION_PREFIXES, Cosmos3Reasoner, hf_key_to_unified,
                                               is_generator_key, load_processor, resolve_reasoner_pretrained)
 

@@ -43,6 +43,15 @@ def readable_like_mkdir(path: Path) -> None:
     os.chmod(path, 0o777 & ~umask)
 
 
+def normalize_permissions(root: Path) -> None:
+    """Ordinary permissions for a written tree: mkdtemp and safetensors create owner-only entries, and an
+    export or checkpoint should be readable by whoever may read the user's other files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [Path(root), *Path(root).rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def staged_directory(out_dir: Path):
     """Yields a temporary directory; on success it becomes `out_dir` (which must be absent or empty)."""

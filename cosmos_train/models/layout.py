@@ -16,7 +16,6 @@ exporters' self-checks use it).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -215,11 +214,3 @@ def write_release_checkpoint(source: Path, out: Path, *, transformer: dict[str, 
             shutil.copy2(item, out / item.name)
     write_root_index(out)
     return counts
-
-
-def normalize_permissions(root: Path) -> None:
-    """Ordinary permissions for a written tree (mkdtemp and safetensors create owner-only entries)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [Path(root), *Path(root).rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

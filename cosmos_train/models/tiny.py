@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from cosmos_train.errors import UserError
-from cosmos_train.models.layout import normalize_permissions
+from cosmos_train.export.staging import normalize_permissions
 
 TINY_SHARD_SIZE = "10MB"  # the tiny transformer is ~17 MB in fp32: two shards
 

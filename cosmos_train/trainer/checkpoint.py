@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cosmos_train.errors import UserError
-from cosmos_train.export.staging import readable_like_mkdir
+from cosmos_train.export.staging import normalize_permissions
 
 WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -59,11 +59,11 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{step_name(step)}.", dir=root))
-    readable_like_mkdir(tmp)
     try:
         save_file(weights, str(tmp / WEIGHTS))
         torch.save(torch_state, tmp / OPTIMIZER)
         (tmp / STATE).write_text(json.dumps({"step": step, **extra_state}, indent=2))
+        normalize_permissions(tmp)  # safetensors writes 0600: others who read the run should read this too
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
