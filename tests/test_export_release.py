@@ -23,6 +23,8 @@ from cosmos_train.models.reasoner import hf_key_to_unified, is_generator_key
 from cosmos_train.trainer.loop import train
 
 from .conftest import TINY_RECIPES
+from .serving_rules import (omni_weight_name, vllm_lora_module, vllm_name_of_transformers_param,
+                            vllm_weight_name)
 
 
 def _run(tiny_dir, out, recipe, *overrides):
@@ -63,6 +65,44 @@ def _assert_one_language_model(out: Path) -> int:
     return shared
 
 
+def _assert_servable(out: Path) -> None:
+    """The names and configs vLLM (reasoner) and vLLM-Omni (generator) read (rules in serving_rules.py)."""
+    from safetensors import safe_open
+    from transformers import Cosmos3OmniForConditionalGeneration
+
+    from .serving_rules import VLLM_WEIGHT_DIRS
+
+    stored = {}
+    for sub in out.iterdir():
+        if sub.is_dir() and VLLM_WEIGHT_DIRS.match(sub.name):
+            for path in sub.glob("*.safetensors"):
+                with safe_open(str(path), framework="pt") as fh:
+                    stored.update({k: sub.name for k in fh.keys()})
+    assert set(stored.values()) == {"transformer", "vision_encoder"}
+    # vLLM: strict both ways -- every stored tensor maps to one of its parameters or is dropped, and every
+    # parameter (the Qwen3-VL model transformers also builds) gets a tensor
+    hf = Cosmos3OmniForConditionalGeneration.from_pretrained(str(out))
+    expected = {vllm_name_of_transformers_param(n) for n in hf.state_dict()}
+    assert {vllm_weight_name(k) for k in stored} - {None} == expected
+    # vLLM-Omni: unknown names would be dropped silently (serving the base); only lm_head is meant to be
+    transformer_keys = [k for k, sub in stored.items() if sub == "transformer"]
+    assert [k for k in transformer_keys if omni_weight_name(k) is None] == ["lm_head.weight"]
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    assert config["rope_scaling"]["mrope_section"] == config["rope_axes_dim"]  # what vLLM-Omni's mRoPE reads
+    for key, value in {"qk_norm_for_diffusion": True, "qk_norm_for_text": True,
+                       "position_embedding_type": "unified_3d_mrope", "unified_3d_mrope_reset_spatial_ids": True,
+                       "joint_attn_implementation": "two_way"}.items():
+        assert config.get(key, value) == value, key  # vLLM-Omni refuses other values
+    assert "scale_factor_temporal" in json.loads((out / "vae" / "config.json").read_text())
+    root = json.loads((out / "config.json").read_text())
+    assert root["architectures"] == ["Cosmos3ForConditionalGeneration"]  # selects vLLM's Cosmos 3 class
+    assert hf.config.text_config.rope_parameters["mrope_section"] == config["rope_axes_dim"]
+
+
+def test_tiny_checkpoint_is_read_by_the_serving_rules(tiny_dir):
+    _assert_servable(tiny_dir)
+
+
 def _assert_publishable(out: Path, *local: Path) -> None:
     """No exported text file names a local path; every file is readable by other accounts."""
     for path in out.rglob("*"):
@@ -86,6 +126,7 @@ def test_generator_full_finetune_exports_one_language_model(tiny_dir, tmp_path, 
     info = export_run(run, out)
     assert info["verification_max_relative_difference"] < 1e-4 and info["transformers_tensors_checked"] > 0
     _assert_one_language_model(out)
+    _assert_servable(out)
     trained = load_file(str(run / "checkpoints" / "step-0000002" / "trainable.safetensors"))
     und_key = "layers.0.self_attn.to_q.weight"
     gen_key = "layers.0.self_attn.add_q_proj.weight"
@@ -218,31 +259,6 @@ def test_generator_adapters_load_in_diffusers_and_name_vllm_omni_modules(tiny_di
 
 # ---- reasoner -------------------------------------------------------------------------------------------
 
-# vLLM 0.33.0, vllm/model_executor/models/cosmos3.py (`hf_to_vllm_mapper`, its rename rules as
-# `get_rename_mapper()` hands them to LoRA parsing) and vllm/lora/utils.py (`parse_fine_tuned_lora_name`:
-# strip "base_model.model.", map, require ".lora_A.weight" / ".lora_B.weight").
-_VLLM_REGEX = ((r"^(layers\.|embed_tokens\.|norm\.)(.+)$", r"language_model.model.\1\2"),
-               (r"^(blocks\.|merger\.|patch_embed\.|pos_embed\.|deepstack_merger_list\.)", r"visual.\1"))
-_VLLM_SUBSTR = ((".to_q.", ".q_proj."), (".to_k.", ".k_proj."), (".to_v.", ".v_proj."), (".to_out.", ".o_proj."))
-_VLLM_GEN = ("_moe_gen", ".add_q_proj.", ".add_k_proj.", ".add_v_proj.", ".to_add_out.")
-
-
-def vllm_lora_module(key: str) -> str:
-    """The vLLM module a LoRA tensor name binds to (`ValueError` where vLLM rejects the whole adapter)."""
-    name = key.removeprefix("base_model.model.")
-    if not re.search(r"\.lora_[AB]\.weight$", name):
-        raise ValueError(f"{key} is unsupported LoRA weight")
-    if any(m in name for m in _VLLM_GEN):
-        raise ValueError(f"{key}: generation-pathway module, not in vLLM's reasoner")
-    for pattern, repl in _VLLM_REGEX:
-        name = re.sub(pattern, repl, name)
-    for old, new in _VLLM_SUBSTR:
-        if old in name:
-            name = name.replace(old, new, 1)
-            break
-    return re.sub(r"\.lora_[AB]\.weight$", "", name)
-
-
 def test_vllm_rule_binds_flat_names_and_skips_peft_names():
     assert vllm_lora_module("base_model.model.layers.3.self_attn.to_q.lora_A.weight") == \
         "language_model.model.layers.3.self_attn.q_proj"
@@ -300,6 +316,7 @@ def test_reasoner_full_finetune_with_vision_exports_one_model(tiny_dir, tmp_path
     assert info["verification_max_relative_difference"] < 1e-4
     assert info["tensors_replaced"]["vision_encoder"] > 0 and info["tensors_replaced"]["transformer"] > 0
     _assert_one_language_model(out)
+    _assert_servable(out)
     for sub, key in (("transformer", "layers.1.mlp.down_proj.weight"), ("transformer", "embed_tokens.weight"),
                      ("vision_encoder", "blocks.0.attn.qkv.weight"), ("vision_encoder", "merger.linear_fc2.weight")):
         assert not torch.equal(_stored(out, sub, key), _stored(tiny_dir, sub, key)), key

@@ -7,6 +7,7 @@ code: a finetuned model is prompted and encoded exactly as it will be at inferen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ import torch
 
 from cosmos_train.errors import UserError
 from cosmos_train.models.prompt_format import default_use_system_prompt_of, read_model_index
-from cosmos_train.models.sequence import TRANSFORMER_STATIC_KEYS, SequenceGeometry, build_vision_sequence
+from cosmos_train.models.sequence import (MODALITIES, SequenceGeometry, build_sample_sequence, build_vision_sequence,
+                                          transformer_kwargs)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 COMPONENTS = ("transformer", "vae", "text_tokenizer", "scheduler")
@@ -159,13 +161,16 @@ class Cosmos3Generator:
     # ---- inputs, as the pipeline builds them -----------------------------------------------
     def tokenize(self, caption: str, num_frames: int, height: int, width: int, fps: float,
                  use_system_prompt: bool | None = True, *, add_duration_template: bool = True,
-                 add_resolution_template: bool = True) -> tuple[list[int], list[int]]:
+                 add_resolution_template: bool = True, action_mode: str | None = None,
+                 action_view_point: str | None = None) -> tuple[list[int], list[int]]:
         """(conditional, unconditional) token ids, built by the pipeline's own `tokenize_prompt` (empty negative
-        prompt); `use_system_prompt=None` is the checkpoint's `default_use_system_prompt`."""
+        prompt); `use_system_prompt=None` is the checkpoint's `default_use_system_prompt`. With `action_mode` the
+        caption becomes the pipeline's action JSON prompt (templates do not apply)."""
         return self.pipe.tokenize_prompt(
             caption, None, num_frames=num_frames, height=height, width=width, fps=fps,
             use_system_prompt=use_system_prompt, add_duration_template=add_duration_template,
-            add_resolution_template=add_resolution_template,
+            add_resolution_template=add_resolution_template, action_mode=action_mode,
+            action_view_point=action_view_point,
         )
 
     @property
@@ -181,15 +186,41 @@ class Cosmos3Generator:
         device = next(self.vae.parameters()).device
         return self.pipe._encode_video(pixels.to(device)).float()
 
+    @torch.no_grad()
+    def encode_action_clip(self, pixels: torch.Tensor, resolution_tier: int) -> tuple[torch.Tensor, int, int]:
+        """An action window's frames [3, T, H, W] in [-1, 1] -> (latent [1, C, T', h, w], canvas H, canvas W),
+        through the pipeline's own `_prepare_action_video_conditioning` (fit into the tier's action canvas,
+        downscale only, right/bottom padding), encoder, and `_remove_action_video_padding_from_latent` (latent
+        cropped back to the content), exactly as an action call conditions on a clip."""
+        device = next(self.vae.parameters()).device
+        clip = ((pixels.permute(1, 2, 3, 0).float().cpu() + 1.0) / 2.0).clamp(0, 1).numpy()  # [T, H, W, 3] in [0, 1]
+        frames, image_size, canvas_h, canvas_w = self.pipe._prepare_action_video_conditioning(
+            clip, resolution_tier, int(pixels.shape[1]), device=device, dtype=torch.float32)
+        latent = self.pipe._encode_video(frames).contiguous().float()
+        latent = self.pipe._remove_action_video_padding_from_latent(latent, image_size)
+        return latent, int(canvas_h), int(canvas_w)
+
+    @property
+    def action_dim(self) -> int:
+        """The model's (padded) action width."""
+        return int(self.transformer_config.action_dim)
+
     def build_sequence(self, input_ids: list[int], latent_shape, clean_frames: list[int], fps: float) -> dict:
         device = next(self.transformer.parameters()).device
         return build_vision_sequence(input_ids, latent_shape, clean_frames, fps, self.geometry, device=device)
 
+    def sample_sequence(self, sample) -> dict:
+        """The static sequence of a drawn sample (`NoisedSample`): its text and every segment it has."""
+        device = next(self.transformer.parameters()).device
+        return build_sample_sequence(sample.input_ids, sample.segments(self.geometry), sample.fps, self.geometry,
+                                     device=device)
+
     # ---- forward -------------------------------------------------------------------------
     def predict_velocity(self, sequence: dict, noisy_latent: torch.Tensor, timestep: float) -> torch.Tensor:
-        """Vision velocity for one sample; `timestep` is sigma * 1000. Clean frames come back as zeros."""
+        """Vision velocity for one text + vision sample; `timestep` is sigma * 1000. Clean frames come back as
+        zeros."""
         dtype = self.compute_dtype
-        kwargs = {k: sequence[k] for k in TRANSFORMER_STATIC_KEYS}
+        kwargs = transformer_kwargs(sequence)
         device = kwargs["input_ids"].device
         timesteps = torch.full((sequence["num_noisy_vision_tokens"],), float(timestep), device=device)
         preds, _, _ = (self.forward_module or self.transformer)(
@@ -197,6 +228,49 @@ class Cosmos3Generator:
             return_dict=False,
         )
         return preds[0]
+
+    def _modality_inputs(self, samples, seq: dict, device) -> dict:
+        """Noisy tokens and per-token timesteps of every modality, for samples laid out as `seq`."""
+        dtype = self.compute_dtype
+        inputs = {}
+        for modality in MODALITIES:
+            having = [s for s in samples if s.tokens(modality) is not None]
+            if not having:
+                continue
+            inputs[f"{modality}_tokens"] = [s.tokens(modality).to(device=device, dtype=dtype) for s in having]
+            counts = [seq_i[f"num_noisy_{modality}_tokens"] for seq_i in seq["sequences"]
+                      if f"num_noisy_{modality}_tokens" in seq_i]
+            inputs[f"{modality}_timesteps"] = torch.cat(
+                [torch.full((n,), float(s.timestep), device=device) for s, n in zip(having, counts)])
+        return inputs
+
+    def predict(self, batch, packed: bool = False) -> list[dict]:
+        """Velocity predictions of drawn samples, one dict per sample ({"vision": [1, C, T, H, W], "sound":
+        [sound_dim, T] or None, "action": [chunk, action_dim] or None}; clean frames / rows come back as zeros).
+        `packed`: one transformer call for the whole batch (samples kept apart by the packed attention
+        processor), equal to one call per sample."""
+        from cosmos_train.models.packing import pack_sequences, packing_layout
+
+        device = next(self.transformer.parameters()).device
+        module = self.forward_module or self.transformer
+        groups = [batch] if packed and len(batch) > 1 else [[s] for s in batch]
+        out = []
+        for group in groups:
+            seqs = [self.sample_sequence(s) for s in group]
+            if len(group) > 1:
+                self.install_packed_attention()
+                seq = pack_sequences(seqs, device=device)
+                context = packing_layout(self.transformer, seq["und_lens"], seq["gen_lens"])
+            else:
+                seq = {**seqs[0], "sequences": seqs}
+                context = contextlib.nullcontext()
+            with context:
+                preds = module(**transformer_kwargs(seq), **self._modality_inputs(group, seq, device),
+                               return_dict=False)
+            iters = {m: iter(p) if p is not None else iter(()) for m, p in zip(MODALITIES, preds)}
+            for s in group:
+                out.append({m: (next(iters[m]) if s.tokens(m) is not None else None) for m in MODALITIES})
+        return out
 
     # ---- packed forward: several samples in one transformer call --------------------------
     def install_packed_attention(self, backend: str = "auto") -> None:
@@ -206,21 +280,5 @@ class Cosmos3Generator:
         install_packed_attention(self.transformer, backend=backend)
 
     def predict_velocity_packed(self, batch) -> list[torch.Tensor]:
-        """One forward for several `NoisedSample`s: [text_1..text_N | vision_1..vision_N], samples kept apart
-        by the packed attention processor. Returns one [1, C, T, H, W] prediction per sample (clean frames
-        zero), equal to `predict_velocity` on each sample alone."""
-        from cosmos_train.models.packing import build_packed_sequence, packed_timesteps, packing_layout
-
-        self.install_packed_attention()
-        dtype = self.compute_dtype
-        device = next(self.transformer.parameters()).device
-        packed = build_packed_sequence(
-            [(s.input_ids, s.x0.shape, s.clean_frames, s.fps) for s in batch], self.geometry, device=device)
-        kwargs = {k: packed[k] for k in TRANSFORMER_STATIC_KEYS}
-        timesteps = packed_timesteps(packed, [s.timestep for s in batch], device=device)
-        with packing_layout(self.transformer, packed["und_lens"], packed["gen_lens"]):
-            preds, _, _ = (self.forward_module or self.transformer)(
-                **kwargs, vision_tokens=[s.xt.to(device=device, dtype=dtype) for s in batch],
-                vision_timesteps=timesteps, return_dict=False,
-            )
-        return list(preds)
+        """Vision predictions of several text + vision samples in one forward (`predict(batch, packed=True)`)."""
+        return [p["vision"] for p in self.predict(batch, packed=True)]

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_cosmos3 import Cosmos3AttnProcessor, _rotate_half
 
-from cosmos_train.models.sequence import SequenceGeometry, build_vision_sequence
+from cosmos_train.models.sequence import MODALITIES, SequenceGeometry, build_vision_sequence
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -47,56 +47,64 @@ except ImportError:  # pragma: no cover - old torch
 
 
 # ---- 1. the packed sequence -------------------------------------------------------------------
-def build_packed_sequence(samples: Sequence, geometry: SequenceGeometry, device: torch.device | str = "cpu") -> dict:
-    """Transformer inputs for N text+vision samples in one joint sequence.
+def pack_sequences(seqs: Sequence[dict], device: torch.device | str = "cpu") -> dict:
+    """Transformer inputs for N samples in one joint sequence, from each sample's own `build_sample_sequence`.
 
-    `samples`: one `(input_ids, latent_shape, clean_frames, fps)` per sample. Returns the transformer
-    static kwargs (`TRANSFORMER_STATIC_KEYS`, with one `vision_token_shapes` / `vision_noisy_frame_indexes`
-    entry per sample) plus the packing layout: `und_lens` / `gen_lens` (per-sample text / vision token
-    counts), `num_noisy_vision_tokens` and `noisy_frames` per sample, and `sequences` (each sample's own
-    unpacked `build_vision_sequence` result, on `device`).
+    Layout: all texts, then each sample's generation block [vision | sound | action] in sample order. Every
+    modality's lists (token shapes, noisy frames, action domains) hold the samples that have it, in sample
+    order, and its indexes are the sample's own shifted into the joint sequence. Returns the transformer
+    static kwargs (`sequence.transformer_kwargs`) plus `und_lens` / `gen_lens` (the packing layout),
+    `num_noisy_<modality>_tokens` per sample (0 where absent), `noisy_frames` per sample and `sequences`.
     """
-    if not samples:
-        raise ValueError("build_packed_sequence needs at least one sample")
-    seqs = [build_vision_sequence(list(ids), shape, list(clean), fps, geometry, device=device)
-            for ids, shape, clean, fps in samples]
+    if not seqs:
+        raise ValueError("a pack needs at least one sample")
     und_lens = [s["und_len"] for s in seqs]
     gen_lens = [s["sequence_length"] - s["und_len"] for s in seqs]
     und_total, gen_total = sum(und_lens), sum(gen_lens)
-
-    # Positions: all texts first, then all visions, each block exactly as the sample has it alone.
-    texts = [s["position_ids"][:, : s["und_len"]] for s in seqs]
-    visions = [s["position_ids"][:, s["und_len"]:] for s in seqs]
-    loss_indexes, gen_off = [], und_total
-    for s, g in zip(seqs, gen_lens):
-        # Per item, its noisy frames' tokens, in item order: what _unpatchify_and_unpack_latents reads.
-        loss_indexes.append(s["vision_mse_loss_indexes"] - s["und_len"] + gen_off)
-        gen_off += g
-    return {
-        "input_ids": torch.cat([s["input_ids"] for s in seqs]),
+    out = {
+        "input_ids": torch.cat([s["input_ids"] for s in seqs]).to(device),
         "text_indexes": torch.arange(und_total, dtype=torch.long, device=device),
-        "position_ids": torch.cat(texts + visions, dim=1),
+        "position_ids": torch.cat([s["position_ids"][:, : s["und_len"]] for s in seqs]
+                                  + [s["position_ids"][:, s["und_len"]:] for s in seqs], dim=1).to(device),
         "und_len": und_total,
         "sequence_length": und_total + gen_total,
-        "vision_token_shapes": [s["vision_token_shapes"][0] for s in seqs],
-        "vision_sequence_indexes": torch.arange(und_total, und_total + gen_total, device=device),
-        "vision_mse_loss_indexes": torch.cat(loss_indexes),
-        "vision_noisy_frame_indexes": [s["vision_noisy_frame_indexes"][0] for s in seqs],
-        "num_noisy_vision_tokens": [s["num_noisy_vision_tokens"] for s in seqs],
-        "noisy_frames": [s["noisy_frames"] for s in seqs],
         "und_lens": und_lens,
         "gen_lens": gen_lens,
-        "sequences": seqs,
+        "noisy_frames": [s["noisy_frames"] for s in seqs],
+        "sequences": list(seqs),
     }
+    for modality in MODALITIES:
+        present = [i for i, s in enumerate(seqs) if f"{modality}_token_shapes" in s]
+        out[f"num_noisy_{modality}_tokens"] = [s.get(f"num_noisy_{modality}_tokens", 0) for s in seqs]
+        if not present:
+            continue
+        gen_starts = [und_total + sum(gen_lens[:i]) for i in range(len(seqs))]
+        shift = lambda i, key: seqs[i][key].to(device) - seqs[i]["und_len"] + gen_starts[i]  # noqa: E731
+        out[f"{modality}_token_shapes"] = [seqs[i][f"{modality}_token_shapes"][0] for i in present]
+        out[f"{modality}_sequence_indexes"] = torch.cat([shift(i, f"{modality}_sequence_indexes") for i in present])
+        out[f"{modality}_mse_loss_indexes"] = torch.cat([shift(i, f"{modality}_mse_loss_indexes") for i in present])
+        out[f"{modality}_noisy_frame_indexes"] = [seqs[i][f"{modality}_noisy_frame_indexes"][0].to(device)
+                                                  for i in present]
+        if modality == "action":
+            out["action_domain_ids"] = [seqs[i]["action_domain_ids"][0].to(device) for i in present]
+    return out
 
 
-def packed_timesteps(packed: dict, timesteps: Sequence[float], device=None) -> torch.Tensor:
-    """Per-noisy-token timesteps (sigma * 1000), each sample's own value on its noisy tokens, in item order."""
-    counts = packed["num_noisy_vision_tokens"]
+def build_packed_sequence(samples: Sequence, geometry: SequenceGeometry, device: torch.device | str = "cpu") -> dict:
+    """`pack_sequences` of text + vision samples given as `(input_ids, latent_shape, clean_frames, fps)`."""
+    return pack_sequences([build_vision_sequence(list(ids), shape, list(clean), fps, geometry, device=device)
+                           for ids, shape, clean, fps in samples], device=device)
+
+
+def packed_timesteps(packed: dict, timesteps: Sequence[float], device=None, modality: str = "vision") -> torch.Tensor:
+    """Per-noisy-token timesteps (sigma * 1000) of one modality: each sample's own value on its noisy tokens,
+    in item order."""
+    counts = packed[f"num_noisy_{modality}_tokens"]
     if len(timesteps) != len(counts):
         raise ValueError(f"{len(timesteps)} timesteps for {len(counts)} packed samples")
     device = device if device is not None else packed["input_ids"].device
-    return torch.cat([torch.full((n,), float(t), device=device) for n, t in zip(counts, timesteps)])
+    return torch.cat([torch.full((n,), float(t), device=device) for n, t in zip(counts, timesteps)
+                      if f"{modality}_token_shapes" in packed]) if counts else torch.zeros(0, device=device)
 
 
 # ---- 2. the layout and its masks --------------------------------------------------------------

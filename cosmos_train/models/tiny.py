@@ -59,6 +59,8 @@ TINY_TRANSFORMER_CONFIG: dict = {
     # head_dim // 2 == 16 rotary frequencies, interleaved T/H/W like Nano's [24, 20, 20] of 64:
     # H takes indices 1, 4, ..., 13 and W takes 2, 5, ..., 14; T keeps the other 6.
     "rope_axes_dim": [6, 5, 5],
+    # the same sections where vLLM-Omni reads them (it ignores rope_axes_dim and would fall back to Nano's)
+    "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True},
     "rope_theta": 5000000.0,
     "enable_fps_modulation": True,
     "base_fps": 24,
