@@ -86,6 +86,9 @@ def _cmd_chat(args) -> None:
 def _cmd_generate(args) -> None:
     from cosmos_train.inference import choose_prompt, export_prompt_format, generate_video, load_pipeline, write_mp4
 
+    if args.action is not None:
+        return _generate_action(args)
+
     if args.frames < 1 or (args.frames - 1) % 4:
         raise UserError(f"--frames {args.frames}: a frame count of the form 4k+1 (1, 5, 9, ..., 93, ...)")
     for name in ("height", "width"):
@@ -102,6 +105,66 @@ def _cmd_generate(args) -> None:
                             prompt_choice=choice)
     path = write_mp4(frames, args.out, fps=args.fps)
     print(f"video: {path} ({frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]})")
+
+
+def _generate_action(args) -> None:
+    """`generate --action MODE`: the stock pipeline in an action mode, with the export's embodiment and
+    normalization; writes the MP4 and (policy, inverse dynamics) a JSON of de-normalized actions."""
+    import json
+
+    import numpy as np
+
+    from cosmos_train.inference import export_prompt_format, load_pipeline, write_mp4
+    from cosmos_train.inference_action import action_record, generate_action, read_actions
+
+    record = action_record(args.lora, args.pipeline_dir)
+    if record is None:
+        raise UserError(f"--action needs an action finetune's export (its cosmos_train_export.json records the "
+                        f"embodiment and action normalization); {args.pipeline_dir} has none")
+    chunk, width = int(record["chunk_size"]), int(record["raw_action_dim"])
+    image = video = actions = None
+    if args.video:
+        video = _read_clip(args.video, chunk + 1)
+    elif args.image:
+        from PIL import Image
+
+        try:
+            image = Image.open(args.image).convert("RGB")
+        except OSError as err:
+            raise UserError(f"--image {args.image}: unreadable ({err})") from None
+    if args.actions:
+        actions = read_actions(args.actions, chunk, width)
+    recorded = export_prompt_format(args.lora, args.pipeline_dir)
+    use_system_prompt = recorded[0].use_system_prompt if recorded else None
+    pipe = load_pipeline(args.pipeline_dir, device=args.device, lora=args.lora)
+    print(f"action {args.action}: embodiment {record['embodiment']} (domain {record['domain_id']}, {width} wide), "
+          f"chunk {chunk} at {record['fps']} fps, normalization {record['normalization'].get('method')}")
+    frames, predicted = generate_action(pipe, record, args.action, args.prompt, image=image, video=video,
+                                        actions=actions, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                        use_system_prompt=use_system_prompt)
+    path = write_mp4(frames, args.out, fps=float(record["fps"]))
+    print(f"video: {path} ({frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]})")
+    if predicted is not None:
+        out = Path(args.actions_out or Path(args.out).with_suffix(".actions.json"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"embodiment": record["embodiment"], "mode": args.action,
+                                   "actions": np.asarray(predicted).round(6).tolist()}, indent=1) + "\n")
+        print(f"actions: {out} ({len(predicted)} rows of {width}, de-normalized)")
+
+
+def _read_clip(path, num_frames: int):
+    """[T, H, W, 3] float frames in [0, 1] of a video file (the first `num_frames`)."""
+    import av
+    import numpy as np
+
+    try:
+        with av.open(str(path)) as container:
+            frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(num_frames), container.decode(video=0))]
+    except (OSError, av.error.FFmpegError) as err:
+        raise UserError(f"--video {path}: unreadable ({err})") from None
+    if not frames:
+        raise UserError(f"--video {path}: no frames")
+    return np.stack(frames).astype(np.float32) / 255.0
 
 
 def _cmd_make_tiny(args) -> None:
@@ -180,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                    help="the Cosmos 3 system prompt (default: as the export was trained; else model_index.json's "
                         "default_use_system_prompt)")
+    p.add_argument("--action", default=None, choices=["policy", "forward_dynamics", "inverse_dynamics"],
+                   help="an action finetune's mode: PROMPT is the task; condition on --image (or --video)")
+    p.add_argument("--image", default=None, help="action modes: the conditioning frame")
+    p.add_argument("--video", default=None, help="action modes: the conditioning clip (inverse dynamics)")
+    p.add_argument("--actions", default=None, help="forward dynamics: a JSON list of raw action rows")
+    p.add_argument("--actions-out", default=None, help="policy / inverse dynamics: where to write the "
+                                                       "de-normalized actions (default: next to --out)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("make-tiny", help="write a tiny random-weight Cosmos 3 checkpoint (for tests and the demo)")

@@ -52,6 +52,10 @@ def load_pipeline(pipeline_dir: str | Path, device: str | None = None, lora: str
             raise UserError(f"--lora {lora}: no {ADAPTER_WEIGHTS} there (a `cosmos-train export --lora-only` "
                             "directory of a generator run)")
         pipe.transformer.load_lora_adapter(str(lora), weight_name=names[0])
+        from cosmos_train.models.action_heads import ACTION_HEADS_FILE, load_action_heads
+
+        if (Path(lora) / ACTION_HEADS_FILE).is_file():  # an action run's heads travel beside its adapter
+            load_action_heads(pipe.transformer, Path(lora) / ACTION_HEADS_FILE)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipe.to(device)
 

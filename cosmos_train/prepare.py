@@ -28,6 +28,15 @@ def prepare(cfg: RecipeConfig, device: str | None = None) -> tuple[Path, SkipCou
     data = build_data(cfg, skips)
     dataset = data.dataset
     print(data.info.summary())
+    if cfg.action is not None:
+        # No latent cache for action windows yet (training encodes each window once per run and keeps it);
+        # what prepare does for them: read the dataset, check it, and fix the action normalization for the run.
+        from cosmos_train.data.action_data import NORMALIZATION_FILE
+
+        path = Path(cfg.output_dir) / NORMALIZATION_FILE
+        print(f"action normalization ({dataset.windows.normalizer!r}) written to {path}; action windows are "
+              "encoded during training (no latent cache for them yet)")
+        return path, skips
     checkpoint_dir = local_checkpoint_dir(cfg)
     fingerprint = cache_fingerprint(cfg, dataset, checkpoint_dir)
 

@@ -3,12 +3,17 @@
 
 Usage::
 
-    python data/make_samples.py [OUT_DIR]      # default: data/samples next to this script
+    python data/make_samples.py [OUT_DIR]           # default: data/samples next to this script
+    python data/make_samples.py --sound [OUT_DIR]   # only the clips with sound (clips_sound/, manifest_sound.jsonl)
 
 Every scene is drawn with numpy from fixed parameters (random jitter comes from fixed seeds), so
 re-running gives the same pixels. Clips are H.264 (libx264, yuv420p, 24 fps, single-threaded
 encoder so the bitstream is reproducible with the same FFmpeg/x264 build); images are PNG.
 Each caption says what moves and in which direction, so a finetune has a learnable signal.
+
+``--sound`` writes the small sound set instead: 64x64 clips whose soundtrack follows the picture (AAC,
+48 kHz stereo, muxed into the mp4), one clip without an audio stream, and ``manifest_sound.jsonl``.
+The soundtracks are synthesized with numpy; see `SOUND_CLIPS`.
 """
 
 from __future__ import annotations
@@ -303,19 +308,191 @@ def make_samples(out_dir: Path) -> list[dict]:
     return records
 
 
+# --------------------------------------------------------------------------------------------
+# clips with sound (--sound): the soundtrack follows the picture
+# --------------------------------------------------------------------------------------------
+
+SOUND_RATE = 48000
+SOUND_SIZE = 64
+FLASH_FRAMES = (4, 12, 20, 28)  # flashing_square_clicks: the square is lit on these frames (+1) with a click
+CLICK_LEN = 240  # 5 ms
+CLICK_HZ = 2000.0
+
+
+def _n_samples(frames: int, fps: int = FPS) -> int:
+    return int(frames / fps * SOUND_RATE)
+
+
+def _disc_x(t: int, n: int, w: int) -> float:
+    r = 10.0
+    return r + 4 + (w - 2 * r - 8) * t / (n - 1)
+
+
+def disc_moving(t, n, h, w, rng):
+    img = _canvas(h, w, (0.0, 0.0, 0.0))
+    _circle(img, h / 2, _disc_x(t, n, w), 10.0, WHITE)
+    return img
+
+
+def rising_panning_tone(frames: int, rng: np.random.Generator) -> np.ndarray:
+    """A tone gliding up from 300 Hz to 1200 Hz whose stereo position follows the disc (left -> right)."""
+    n = _n_samples(frames)
+    s = np.arange(n) / n  # 0 -> 1 over the clip, like the disc's x
+    freq = 300.0 * 4.0 ** s  # exponential glide, two octaves
+    phase = 2 * np.pi * np.cumsum(freq) / SOUND_RATE
+    tone = 0.5 * np.sin(phase)
+    pan = s * (math.pi / 2)  # equal-power pan: left at the start, right at the end
+    return np.stack([tone * np.cos(pan), tone * np.sin(pan)]).astype(np.float32)
+
+
+def flashing_square(t, n, h, w, rng):
+    img = _canvas(h, w, CHARCOAL)
+    lit = any(f <= t < f + 2 for f in FLASH_FRAMES)
+    _box(img, h / 2, w / 2, 14.0, 14.0, YELLOW if lit else (0.25, 0.25, 0.28))
+    return img
+
+
+def clicks_on_flashes(frames: int, rng: np.random.Generator) -> np.ndarray:
+    """A 5 ms 2 kHz click at the first sample of each flash frame (both channels), silence elsewhere."""
+    out = np.zeros((2, _n_samples(frames)), dtype=np.float32)
+    tt = np.arange(CLICK_LEN) / SOUND_RATE
+    click = 0.8 * np.sin(2 * np.pi * CLICK_HZ * tt) * np.exp(-tt * 800.0)
+    for f in FLASH_FRAMES:
+        at = _n_samples(f)
+        out[:, at:at + CLICK_LEN] = click
+    return out
+
+
+def pulsing_circle(t, n, h, w, rng):
+    img = _canvas(h, w, TEAL)
+    _circle(img, h / 2, w / 2, 8.0 + 16.0 * _pulse(t / FPS, n / FPS), ORANGE)
+    return img
+
+
+def _pulse(seconds, duration):
+    """0 -> 1 -> 0 once over the clip (a raised cosine)."""
+    return 0.5 - 0.5 * np.cos(2 * np.pi * np.asarray(seconds) / duration)
+
+
+def hum_with_pulse(frames: int, rng: np.random.Generator) -> np.ndarray:
+    """A 220 Hz hum (centred) that swells and fades with the circle's size, with a little noise."""
+    n = _n_samples(frames)
+    tt = np.arange(n) / SOUND_RATE
+    hum = np.sin(2 * np.pi * 220.0 * tt) + 0.3 * np.sin(2 * np.pi * 440.0 * tt)
+    env = 0.05 + 0.5 * _pulse(tt, frames / FPS)
+    mono = env * hum / 1.3 + 0.01 * rng.standard_normal(n)
+    return np.stack([mono, mono]).astype(np.float32)
+
+
+def bar_falling(t, n, h, w, rng):
+    img = _canvas(h, w, LIGHT_GRAY)
+    _box(img, 8 + (h - 16) * t / (n - 1), w / 2, 4.0, 24.0, MAGENTA)
+    return img
+
+
+@dataclass(frozen=True)
+class SoundClip:
+    name: str
+    draw: Callable[..., np.ndarray]
+    sound: Callable[[int, np.random.Generator], np.ndarray] | None  # (frames, rng) -> [2, n]; None: no audio
+    frames: int
+    caption: str
+    seed: int
+
+
+SOUND_CLIPS = [
+    SoundClip("disc_rising_tone", disc_moving, rising_panning_tone, 33,
+              "A white disc moves from left to right across a black background while a rising tone moves "
+              "from the left speaker to the right.", seed=21),
+    SoundClip("flashing_square_clicks", flashing_square, clicks_on_flashes, 33,
+              "A gray square flashes yellow four times on a dark background, with a click on every flash.",
+              seed=22),
+    SoundClip("pulsing_circle_hum", pulsing_circle, hum_with_pulse, 17,
+              "An orange circle grows and shrinks on a teal background while a low hum swells and fades.",
+              seed=23),
+    SoundClip("falling_bar_silent", bar_falling, None, 17,
+              "A magenta bar falls from the top to the bottom of a light gray background, in silence.", seed=24),
+]
+
+
+def write_mp4_with_audio(path: Path, frames: list[np.ndarray], audio: np.ndarray | None, fps: int = FPS,
+                         sample_rate: int = SOUND_RATE, bit_rate: int = 128000) -> None:
+    """`write_mp4` plus an AAC stereo track (float [2, n] in [-1, 1]) muxed in; `audio=None`: video only."""
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps, 1))
+        stream.width = width
+        stream.height = height
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1
+        stream.options = {"crf": "20", "preset": "medium", "threads": "1"}
+        astream = None
+        if audio is not None:
+            astream = container.add_stream("aac", rate=sample_rate)
+            astream.layout = "stereo"
+            astream.bit_rate = bit_rate
+            astream.codec_context.thread_count = 1
+        chunk = 1024
+        sent = 0
+        for i, arr in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(arr), format="yuv420p")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+            if astream is None:
+                continue
+            # audio up to the end of this frame, in whole encoder frames (interleaved with the video)
+            until = audio.shape[1] if i == len(frames) - 1 else int((i + 1) / fps * sample_rate) // chunk * chunk
+            while sent < until:
+                part = np.ascontiguousarray(audio[:, sent:min(sent + chunk, until)], dtype=np.float32)
+                aframe = av.AudioFrame.from_ndarray(part, format="fltp", layout="stereo")
+                aframe.sample_rate = sample_rate
+                aframe.pts = sent
+                for packet in astream.encode(aframe):
+                    container.mux(packet)
+                sent += part.shape[1]
+        for packet in stream.encode():
+            container.mux(packet)
+        if astream is not None:
+            for packet in astream.encode():
+                container.mux(packet)
+
+
+def make_sound_samples(out_dir: Path) -> list[dict]:
+    """Write clips_sound/*.mp4 and manifest_sound.jsonl under `out_dir` (nothing else)."""
+    out_dir = Path(out_dir)
+    (out_dir / "clips_sound").mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    for clip in SOUND_CLIPS:
+        rng = np.random.default_rng(clip.seed)
+        frames = [_to_uint8(clip.draw(t, clip.frames, SOUND_SIZE, SOUND_SIZE, rng)) for t in range(clip.frames)]
+        audio = None
+        if clip.sound is not None:
+            audio = np.clip(clip.sound(clip.frames, rng), -1.0, 1.0)
+        rel = f"clips_sound/{clip.name}.mp4"
+        write_mp4_with_audio(out_dir / rel, frames, audio)
+        records.append({"path": rel, "caption": clip.caption, "fps": FPS})
+    with open(out_dir / "manifest_sound.jsonl", "w", encoding="utf-8", newline="\n") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) > 1 or (argv and argv[0] in ("-h", "--help")):
+    sound = "--sound" in argv
+    argv = [a for a in argv if a != "--sound"]
+    if len(argv) > 1 or (argv and argv[0].startswith("-")):
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     out_dir = Path(argv[0]) if argv else Path(__file__).resolve().parent / "samples"
-    records = make_samples(out_dir)
+    records = make_sound_samples(out_dir) if sound else make_samples(out_dir)
     total = 0
     for rec in records:
         size = (out_dir / rec["path"]).stat().st_size
         total += size
         print(f"{size:8d}  {rec['path']}")
-    print(f"{total:8d}  total ({len(records)} samples) -> {out_dir / 'manifest.jsonl'}")
+    manifest = "manifest_sound.jsonl" if sound else "manifest.jsonl"
+    print(f"{total:8d}  total ({len(records)} samples) -> {out_dir / manifest}")
     return 0
 
 

@@ -49,9 +49,50 @@ def _did_you_mean(key: str) -> str | None:
             node = node[part]
         candidates = list(node.keys())
     except Exception:
-        return None
+        candidates = _dataclass_fields_at(parent)
+        if candidates is None:
+            return None
     match = difflib.get_close_matches(leaf, candidates, n=1, cutoff=0.6)
     return f"{parent}.{match[0]}" if match and parent else (match[0] if match else None)
+
+
+def _section_type(path: str):
+    """The dataclass of the recipe section at `path` (Optional sections unwrapped), or None."""
+    import dataclasses
+    import typing
+
+    cls = S.RecipeConfig
+    for part in path.split(".") if path else []:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        hint = hints[part]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        cls = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+    return cls if dataclasses.is_dataclass(cls) else None
+
+
+def _dataclass_fields_at(path: str) -> list[str] | None:
+    import dataclasses
+
+    cls = _section_type(path)
+    return [f.name for f in dataclasses.fields(cls)] if cls is not None else None
+
+
+def _open_optional_sections(merged, key: str) -> None:
+    """An override inside an optional section that is unset (`action.dataset=...` while `action` is null)
+    first creates that section with its defaults."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i])
+        try:
+            value = OmegaConf.select(merged, prefix, throw_on_missing=False)
+        except OmegaConfBaseException:
+            return
+        if value is None and _section_type(prefix) is not None:
+            OmegaConf.update(merged, prefix, {}, merge=True)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -96,6 +137,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> S.Recip
         if overrides:
             where = f"{path} (with overrides)"
             for key, value in _parse_overrides(overrides):
+                _open_optional_sections(merged, key)
                 OmegaConf.update(merged, key, value, merge=True)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
@@ -124,6 +166,8 @@ def _resolve_paths(cfg: S.RecipeConfig, recipe_dir: Path) -> None:
             if getattr(source, key) is not None:
                 setattr(source, key, resolve(getattr(source, key)))
     cfg.model.pretrained = resolve(cfg.model.pretrained)
+    if cfg.action is not None:
+        cfg.action.dataset = resolve(cfg.action.dataset)
 
 
 def _check(ok: bool, where: str, key: str, allowed: str, value) -> None:
@@ -163,7 +207,7 @@ def validate(cfg: S.RecipeConfig, where: str = "recipe") -> None:
     if d.aspect_buckets and (d.height is not None or d.width is not None):
         raise UserError(f"{where}: data.aspect_buckets=true conflicts with data.height/data.width (a fixed size, "
                         "no buckets): set one or the other")
-    if d.manifest is None and not d.sources:
+    if d.manifest is None and not d.sources and cfg.action is None:
         raise UserError(f"{where}: missing required value 'data.manifest' (or 'data.sources', a list of sources)")
     if d.manifest is not None and d.sources:
         raise UserError(f"{where}: give 'data.manifest' (one source) or 'data.sources', not both")
@@ -211,11 +255,17 @@ def validate(cfg: S.RecipeConfig, where: str = "recipe") -> None:
            g.template_dropout)
     _check(g.uncond_prompt in S.UNCOND_PROMPTS, where, "generator.uncond_prompt",
            f"one of {', '.join(S.UNCOND_PROMPTS)}", g.uncond_prompt)
+    for key in ("vision", "sound", "action"):
+        value = getattr(g.loss_weights, key)
+        _check(math.isfinite(value) and value >= 0, where, f"generator.loss_weights.{key}", "a number >= 0", value)
     latent_frames = (d.num_frames - 1) // 4 + 1
     if probs["v2v"] > 0:
         _check(1 <= g.v2v_condition_frames < latent_frames, where, "generator.v2v_condition_frames",
                f"between 1 and {latent_frames - 1} latent frames for data.num_frames={d.num_frames}",
                g.v2v_condition_frames)
+
+    if cfg.action is not None:
+        validate_action(cfg, where)
 
     t = cfg.train
     _check(t.method in S.FINETUNE_METHODS, where, "train.method", "lora or full", t.method)
@@ -246,6 +296,74 @@ def validate(cfg: S.RecipeConfig, where: str = "recipe") -> None:
     _check(t.device in ("auto", "cpu", "cuda"), where, "train.device", "auto, cpu or cuda", t.device)
     _check(cfg.logging.wandb_mode in ("offline", "online"), where, "logging.wandb_mode", "offline or online",
            cfg.logging.wandb_mode)
+
+
+def validate_action(cfg: S.RecipeConfig, where: str = "recipe") -> None:
+    """The `action:` section. Checks that need the dataset (keys, widths, NaNs) happen when it is opened
+    (`cosmos_train.data.lerobot.LeRobotActionDataset`)."""
+    from cosmos_train.data.embodiment import known_embodiments
+
+    a = cfg.action
+    if cfg.objective != "generator":
+        raise UserError(f"{where}: the 'action' section applies to objective: generator (got objective: "
+                        f"{cfg.objective})")
+    _check(bool(a.dataset.strip()), where, "action.dataset", "a LeRobot dataset directory", a.dataset)
+    _check(len(a.cameras) > 0 and all(isinstance(c, str) and c for c in a.cameras), where, "action.cameras",
+           "a non-empty list of video feature keys, e.g. [observation.images.top]", a.cameras)
+    _check(len(set(a.cameras)) == len(a.cameras), where, "action.cameras", "each camera once", a.cameras)
+    _check(len(a.action_keys) > 0 and all(isinstance(k, str) and k for k in a.action_keys), where,
+           "action.action_keys", "a non-empty list of feature keys, e.g. [action]", a.action_keys)
+    _check(len(set(a.action_keys)) == len(a.action_keys), where, "action.action_keys", "each key once",
+           a.action_keys)
+    _check(a.state_key is None or bool(a.state_key.strip()), where, "action.state_key", "a feature key or null",
+           a.state_key)
+    _check(a.chunk_size >= 4 and a.chunk_size % 4 == 0, where, "action.chunk_size",
+           "a multiple of 4 (the Wan VAE encodes 1 + chunk_size/4 latent frames from chunk_size + 1 frames)",
+           a.chunk_size)
+    _check(a.fps is None or (math.isfinite(a.fps) and a.fps > 0), where, "action.fps", "must be > 0", a.fps)
+    _check(a.window_stride is None or a.window_stride >= 1, where, "action.window_stride", "must be >= 1",
+           a.window_stride)
+    _check(a.val_episodes >= 0, where, "action.val_episodes", "must be >= 0", a.val_episodes)
+    _check(a.view_point in S.ACTION_VIEW_POINTS, where, "action.view_point",
+           f"one of {', '.join(S.ACTION_VIEW_POINTS)}", a.view_point)
+    _check(a.normalization in S.ACTION_NORMALIZATIONS, where, "action.normalization",
+           f"one of {', '.join(S.ACTION_NORMALIZATIONS)}", a.normalization)
+    _check(a.stats in S.ACTION_STATS, where, "action.stats", f"one of {', '.join(S.ACTION_STATS)}", a.stats)
+    _check(a.clamp is None or (math.isfinite(a.clamp) and a.clamp > 0), where, "action.clamp",
+           "a number > 0 or null", a.clamp)
+    _check(math.isfinite(a.head_lr_multiplier) and a.head_lr_multiplier > 0, where, "action.head_lr_multiplier",
+           "must be > 0", a.head_lr_multiplier)
+    _check(a.resolution_tier in S.ACTION_TIERS, where, "action.resolution_tier",
+           f"one of {', '.join(map(str, S.ACTION_TIERS))}", a.resolution_tier)
+    probs = {m: getattr(a.modes, m) for m in S.ACTION_MODES}
+    for mode, p in probs.items():
+        _check(0.0 <= p <= 1.0, where, f"action.modes.{mode}", "a probability in [0, 1]", p)
+    _check(math.isclose(sum(probs.values()), 1.0, abs_tol=1e-6), where, "action.modes",
+           f"probabilities must sum to 1 (they sum to {sum(probs.values()):g})", probs)
+
+    known = known_embodiments()  # diffusers' name -> domain id table
+    new = a.new_embodiment
+    if new is not None:
+        _check(bool(new.name.strip()), where, "action.new_embodiment.name", "a name", new.name)
+        if new.name in known:
+            raise UserError(f"{where}: invalid value for 'action.new_embodiment.name': {new.name!r} is already an "
+                            f"embodiment of the checkpoint (domain {known[new.name]}); set action.embodiment: "
+                            f"{new.name} without new_embodiment, or pick another name")
+        _check(new.raw_action_dim >= 1, where, "action.new_embodiment.raw_action_dim", "must be >= 1",
+               new.raw_action_dim)
+        _check(new.domain_id in S.FREE_ACTION_DOMAIN_IDS, where, "action.new_embodiment.domain_id",
+               "a domain id no released embodiment uses: "
+               + ", ".join(map(str, S.FREE_ACTION_DOMAIN_IDS)), new.domain_id)
+        if new.init_from is not None and (new.init_from not in known or new.init_from == "no_action"):
+            raise UserError(f"{where}: invalid value for 'action.new_embodiment.init_from': {new.init_from!r} is "
+                            f"not a known embodiment (known: {', '.join(n for n in known if n != 'no_action')})")
+        if a.embodiment != new.name:
+            raise UserError(f"{where}: invalid value for 'action.embodiment': {a.embodiment!r}; with "
+                            f"action.new_embodiment set it must be its name ({new.name!r})")
+    elif a.embodiment not in known or a.embodiment == "no_action":
+        raise UserError(f"{where}: invalid value for 'action.embodiment': unknown embodiment {a.embodiment!r} "
+                        f"(known: {', '.join(n for n in known if n != 'no_action')}; or describe a new one "
+                        "in action.new_embodiment)")
 
 
 def recipe_to_yaml(cfg: S.RecipeConfig) -> str:

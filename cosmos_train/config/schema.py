@@ -108,8 +108,18 @@ class ModeProbabilities:
 
 
 @dataclass
+class LossWeights:
+    """Weight of each modality's flow-matching loss in the total (the official trainer, CF, uses
+    total = 10 * vision + 10 * action + 2 * sound; only the ratios matter up to the learning rate)."""
+    vision: float = 1.0
+    sound: float = 1.0
+    action: float = 1.0
+
+
+@dataclass
 class GeneratorConfig:
     modes: ModeProbabilities = field(default_factory=ModeProbabilities)
+    loss_weights: LossWeights = field(default_factory=LossWeights)  # per-modality loss weights
     v2v_condition_frames: int = 2  # latent frames kept clean in v2v
     sigma_sampling: str = "logit_normal"
     logit_mean: float = 0.0
@@ -224,6 +234,55 @@ class ReasonerConfig:
     attn_implementation: str = "sdpa"  # sdpa (padding-free packing works with it on CPU/GPU) or flash_attention_2
 
 
+# ---- World-action training from a LeRobot dataset (see README "World-action data (LeRobot)")
+ACTION_MODES = ("policy", "forward_dynamics", "inverse_dynamics")
+ACTION_VIEW_POINTS = ("ego_view", "third_person_view", "wrist_view", "concat_view")  # diffusers' framing sentences
+ACTION_NORMALIZATIONS = ("none", "quantile", "mean_std", "min_max")
+ACTION_STATS = ("dataset", "computed")
+ACTION_TIERS = (256, 480, 704, 720)  # diffusers' _ACTION_RESOLUTION_BINS tiers
+# Action domain ids that diffusers, the official trainer and vLLM-Omni leave unused (of 32 in the released Nano).
+FREE_ACTION_DOMAIN_IDS = (10, 11, 14, 18, 19, *range(24, 32))
+
+
+@dataclass
+class NewEmbodimentConfig:
+    """An embodiment the checkpoint does not know: its own action-head rows at a free domain id."""
+    name: str = MISSING  # the name `action.embodiment` refers to (not one of diffusers' names)
+    raw_action_dim: int = MISSING  # its action width (sum of the action keys' widths)
+    domain_id: int = MISSING  # a free id: 10, 11, 14, 18, 19 or 24-31 (and < the model's number of domains)
+    init_from: Optional[str] = None  # an existing embodiment whose head rows are copied; None: xavier init
+
+
+@dataclass
+class ActionModes:
+    """Share of samples trained in each mode (diffusers' CosmosActionCondition modes); must sum to 1."""
+    policy: float = 0.5  # frame 0 clean -> video + actions
+    forward_dynamics: float = 0.25  # frame 0 + actions clean -> video
+    inverse_dynamics: float = 0.25  # whole video clean -> actions
+
+
+@dataclass
+class ActionConfig:
+    dataset: str = MISSING  # LeRobot dataset directory (v3.0; v2.1 read too); ./ and ../ relative to the recipe
+    cameras: List[str] = MISSING  # video feature keys, e.g. [observation.images.top]; several: side by side
+    action_keys: List[str] = field(default_factory=lambda: ["action"])  # concatenated in this order
+    state_key: Optional[str] = None  # e.g. observation.state: returned (normalized) at a window's first frame
+    chunk_size: int = 16  # actions per window (a multiple of 4); a window has chunk_size + 1 frames
+    fps: Optional[float] = None  # rate told to the model (prompt, positions); default: the dataset's fps.
+    #   Frames and actions are never resampled: every dataset frame is one step.
+    window_stride: Optional[int] = None  # frames between window starts; default 1 (every frame starts one)
+    val_episodes: int = 0  # the last N episodes (by episode_index) are held out as the "val" split
+    embodiment: str = MISSING  # a name from diffusers' _EMBODIMENT_TO_DOMAIN_ID, or new_embodiment.name
+    new_embodiment: Optional[NewEmbodimentConfig] = None
+    view_point: str = "ego_view"  # ego_view | third_person_view | wrist_view | concat_view
+    normalization: str = "quantile"  # none | quantile (q01..q99 -> -1..1) | mean_std | min_max (min..max -> -1..1)
+    stats: str = "dataset"  # dataset: meta/stats.json; computed: from the training episodes' rows
+    clamp: Optional[float] = None  # clamp normalized actions / state to [-clamp, clamp]
+    modes: ActionModes = field(default_factory=ActionModes)
+    head_lr_multiplier: float = 5.0  # learning rate of the action heads = train.lr x this (official: 5x)
+    resolution_tier: int = 256  # the pipeline's action canvas tier: 256, 480, 704 or 720
+
+
 @dataclass
 class LoggingConfig:
     wandb: bool = False
@@ -240,6 +299,7 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     reasoner: ReasonerConfig = field(default_factory=ReasonerConfig)
+    action: Optional[ActionConfig] = None  # world-action training from a LeRobot dataset; None: not an action run
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     description: str = ""

@@ -1,5 +1,6 @@
 """Data: JSONL manifests, video/image decoding, and the training dataset (see docs/ARCHITECTURE.md)."""
 
+from cosmos_train.data.action_norm import ActionNormalizer
 from cosmos_train.data.buckets import (
     ASPECTS,
     BUCKET_SIZES,
@@ -21,6 +22,7 @@ from cosmos_train.data.dataset import (
     summarize_decode_log,
 )
 from cosmos_train.data.hf import read_hf_dataset
+from cosmos_train.data.lerobot import ActionWindow, LeRobotActionDataset, LeRobotSource
 from cosmos_train.data.manifest import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
@@ -46,6 +48,8 @@ from cosmos_train.data.skips import SkipCounter
 
 __all__ = [
     "ASPECTS",
+    "ActionNormalizer",
+    "ActionWindow",
     "BUCKET_SIZES",
     "Bucket",
     "BucketBatchSampler",
@@ -57,6 +61,8 @@ __all__ = [
     "GeneratorDataset",
     "IMAGE_EXTENSIONS",
     "InMemoryMedia",
+    "LeRobotActionDataset",
+    "LeRobotSource",
     "ManifestRecord",
     "MarkBadSamples",
     "SHORT_CLIP_MODES",

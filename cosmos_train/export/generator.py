@@ -22,13 +22,14 @@ import torch
 
 from cosmos_train.errors import UserError
 from cosmos_train.export.adapters import ADAPTER_WEIGHTS, write_generator_adapters
+from cosmos_train.models.action_heads import ACTION_HEADS_FILE
 from cosmos_train.export.model_card import public_name, write_model_card
 from cosmos_train.export.release import (changed_weights, set_default_use_system_prompt, verify_one_language_model,
                                          verify_written_tensors, write_export_record)
 from cosmos_train.export.staging import load_saved_recipe_dict, normalize_permissions, open_run, staged_directory
 from cosmos_train.models import load_model, local_checkpoint_dir
 from cosmos_train.models.layout import is_release_layout, write_release_checkpoint
-from cosmos_train.trainer.adapters import ADAPTER_NAME, load_trainable_state_dict, setup_trainable
+from cosmos_train.trainer.adapters import ADAPTER_NAME
 # Relative tolerance on the fixed-input prediction: fp32 merges are exact up to summation order;
 # bf16 merges round W + BA once more.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
@@ -76,8 +77,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
         raise UserError("--lora-only needs a LoRA run; this run used full finetuning")
 
     trained = load_model(cfg)
-    setup_trainable(trained.transformer, cfg.train)
-    load_trainable_state_dict(trained.transformer, cfg.train.method, weights)
+    trained.setup_trainable(cfg)
+    trained.load_trainable_state_dict(cfg, weights)
     reference = _predict(trained)
     dtype = _dtype_of(trained.transformer)
     prompt_format = resolve_prompt_format(cfg.generator, trained.default_use_system_prompt).to_dict()
@@ -86,12 +87,24 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
             "method": cfg.train.method, "full_trainable": cfg.train.full_trainable if cfg.train.method == "full"
             else None, "lora_only": lora_only, "base_model": base, "base_revision": cfg.model.revision,
             "prompt_format": prompt_format}
+    if cfg.action is not None:
+        from cosmos_train.data.action_data import action_export_record
+
+        info["action"] = action_export_record(cfg, run_dir)
 
     with staged_directory(out_dir) as tmp:
         if lora_only:
             info["adapters"] = write_generator_adapters(trained.transformer, tmp, base, ADAPTER_NAME)
             fresh = load_model(cfg)
             fresh.transformer.load_lora_adapter(str(tmp), weight_name=ADAPTER_WEIGHTS, adapter_name=ADAPTER_NAME)
+            if cfg.action is not None:  # PEFT cannot carry the action heads' tables: they travel beside it
+                from safetensors.torch import save_file
+
+                from cosmos_train.models.action_heads import action_state_dict, load_action_heads
+
+                save_file(action_state_dict(trained.transformer), str(tmp / ACTION_HEADS_FILE))
+                load_action_heads(fresh.transformer, tmp / ACTION_HEADS_FILE)
+                info["adapters"]["action_heads"] = ACTION_HEADS_FILE
             info["verification_max_relative_difference"] = _compare(
                 reference, _predict(fresh), dtype, "base model + exported LoRA adapter (diffusers)")
             kind = "generator-adapter"

@@ -165,11 +165,47 @@ def write_model_card(out: Path, *, kind: str, cfg, recipe: dict, run_dir: Path, 
     if "verification_max_relative_difference" in info:
         lines.append(f"- Verified on export: max relative difference to the trained model "
                      f"{info['verification_max_relative_difference']:.2e}")
+    if info.get("action"):
+        lines += ["", _action_section(info["action"], repo).strip()]
     lines += ["", "## Load or serve it", "", _snippets(kind, repo, prompt_kwargs, default_system).strip(), "",
               f"Replace `{repo}` with this directory (or the hub id you publish it under)"
               + (" and `BASE_MODEL` with the base checkpoint." if "adapter" in kind else "."), "",
               "## Recipe", "", "```yaml", yaml.safe_dump(scrub_paths(recipe), sort_keys=False).strip(), "```", ""]
     (Path(out) / "README.md").write_text("\n".join(lines))
+
+
+def _action_section(a: dict, repo: str) -> str:
+    norm = a["normalization"]
+    new = (f"`{a['embodiment']}` is not one of diffusers' embodiments: register it before the call (the tables are "
+           "read at call time)" if a.get("new_embodiment") else f"`{a['embodiment']}` is one of diffusers' embodiments")
+    return f"""## World-action
+- Embodiment {new}: domain {a['domain_id']}, {a['raw_action_dim']} action channels ({', '.join(a['action_keys'])}),
+  camera(s) {', '.join(a['cameras'])}, chunks of {a['chunk_size']} actions ({a['chunk_size'] + 1} frames) at
+  {a['fps']:g} fps, view point `{a['view_point']}`, action canvas tier {a['resolution_tier']}.
+- Actions are **normalized** (`{norm.get('method')}`, statistics in `cosmos_train_export.json` under
+  `action.normalization`): diffusers does not normalize, so normalize the actions you give (forward dynamics) and
+  de-normalize the ones it returns (policy, inverse dynamics). `cosmos-train generate` does both.
+
+```bash
+cosmos-train generate {repo} "your task" --action policy --image first_frame.png --out policy.mp4
+cosmos-train generate {repo} "your task" --action forward_dynamics --image first_frame.png --actions actions.json
+cosmos-train generate {repo} "your task" --action inverse_dynamics --video clip.mp4
+```
+
+```python
+import torch
+from diffusers import Cosmos3OmniPipeline
+from diffusers.pipelines.cosmos import pipeline_cosmos3_omni as cosmos3
+from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import CosmosActionCondition
+cosmos3._EMBODIMENT_TO_DOMAIN_ID["{a['embodiment']}"] = {a['domain_id']}
+cosmos3._EMBODIMENT_TO_RAW_ACTION_DIM["{a['embodiment']}"] = {a['raw_action_dim']}
+pipe = Cosmos3OmniPipeline.from_pretrained("{repo}", torch_dtype=torch.bfloat16).to("cuda")
+out = pipe(prompt="your task", fps={a['fps']:g}, action=CosmosActionCondition(
+    mode="policy", chunk_size={a['chunk_size']}, domain_name="{a['embodiment']}",
+    resolution_tier={a['resolution_tier']}, image=first_frame, view_point="{a['view_point']}"))
+normalized_actions = out.action[0][:, :{a['raw_action_dim']}]  # de-normalize with action.normalization
+```
+"""
 
 
 def _what_trained(cfg) -> str:

@@ -118,19 +118,66 @@ class Cosmos3Generator:
         self.transformer.enable_gradient_checkpointing()
 
     def setup_trainable(self, cfg) -> list:
-        """Optimizer parameter groups for the recipe (LoRA adapters or selected full parameters)."""
+        """Optimizer parameter groups for the recipe: LoRA adapters or selected full parameters, and for action
+        runs the action heads' rows of the embodiment's domain in their own group (models/action_heads.py)."""
         from cosmos_train.trainer.adapters import setup_trainable
 
-        return [{"params": setup_trainable(self.transformer, cfg.train)}]
+        params = setup_trainable(self.transformer, cfg.train)
+        if getattr(cfg, "action", None) is None:
+            return [{"params": params}]
+        from cosmos_train.models.action_heads import enable_action_heads, init_domain_rows
+
+        embodiment = self.embodiment(cfg)
+        if embodiment.new:
+            copy_from = self.embodiment_domain(embodiment.init_from) if embodiment.init_from else None
+            init_domain_rows(self.transformer, embodiment.domain_id, copy_from,
+                             torch.Generator().manual_seed(cfg.train.seed))
+        heads = enable_action_heads(self.transformer, [embodiment.domain_id])
+        ids = {id(p) for p in heads}
+        rest = [p for p in params if id(p) not in ids]
+        groups = [{"params": heads, "lr": cfg.train.lr * cfg.action.head_lr_multiplier, "weight_decay": 0.0,
+                   "name": "action_heads"}]
+        return ([{"params": rest, "name": "transformer"}] if rest else []) + groups
+
+    def embodiment(self, cfg):
+        """The recipe's embodiment (data/embodiment.py), its domain checked against the model's heads."""
+        from cosmos_train.data.embodiment import check_domain_id, resolve_embodiment
+
+        embodiment = resolve_embodiment(cfg.action)
+        check_domain_id(embodiment, int(self.transformer_config.num_embodiment_domains))
+        return embodiment
+
+    @staticmethod
+    def embodiment_domain(name: str) -> int:
+        from cosmos_train.data.embodiment import known_embodiments
+
+        known = known_embodiments()
+        if name not in known:
+            raise UserError(f"invalid value for 'action.new_embodiment.init_from': unknown embodiment {name!r} "
+                            f"(known: {', '.join(sorted(known))})")
+        return int(known[name])
 
     def trainable_state_dict(self, cfg) -> dict:
         from cosmos_train.trainer.adapters import trainable_state_dict
 
-        return trainable_state_dict(self.transformer, cfg.train.method)
+        state = trainable_state_dict(self.transformer, cfg.train.method)
+        if getattr(cfg, "action", None) is not None:
+            from cosmos_train.models.action_heads import action_state_dict
+
+            state.update(action_state_dict(self.transformer))
+        return state
 
     def load_trainable_state_dict(self, cfg, weights: dict) -> None:
+        from cosmos_train.models.action_heads import is_action_param
         from cosmos_train.trainer.adapters import load_trainable_state_dict
 
+        heads = {k: v for k, v in weights.items() if is_action_param(k)}
+        if cfg.train.method == "lora" and heads:
+            own = dict(self.transformer.named_parameters())
+            with torch.no_grad():
+                for name, value in heads.items():
+                    own[name].copy_(value.to(own[name].dtype))
+            weights = {k: v for k, v in weights.items() if k not in heads}
         load_trainable_state_dict(self.transformer, cfg.train.method, weights)
 
     @staticmethod

@@ -9,7 +9,9 @@ def build_objective(cfg: RecipeConfig, model, seed: int):
     if cfg.objective == "generator":
         from cosmos_train.objectives.generator import GeneratorObjective
 
-        return GeneratorObjective(model, cfg.generator, shift=cfg.flow_shift(), seed=seed)
+        domain_id = model.embodiment(cfg).domain_id if cfg.action is not None else None
+        return GeneratorObjective(model, cfg.generator, shift=cfg.flow_shift(), seed=seed, action_cfg=cfg.action,
+                                  domain_id=domain_id)
     if cfg.objective == "reasoner":
         from cosmos_train.objectives.reasoner import ReasonerObjective
 

@@ -18,11 +18,16 @@ from cosmos_train.errors import UserError
 
 def build_data(cfg: RecipeConfig, skips: SkipCounter, rank: int = 0, world_size: int = 1) -> GeneratorData:
     """The objective's dataset + sampler: every source read (bad records counted in `skips`, or raised);
-    generator media bucketed and mixed, reasoner conversations tokenized with the checkpoint's processor."""
+    generator media bucketed and mixed, reasoner conversations tokenized with the checkpoint's processor,
+    action windows of a LeRobot dataset (`action:` recipes)."""
     if cfg.objective == "reasoner":
         from cosmos_train.data.conversations import build_conversation_data
 
         return build_conversation_data(cfg, skips, rank, world_size)
+    if cfg.action is not None:
+        from cosmos_train.data.action_data import build_action_data
+
+        return build_action_data(cfg, skips, rank, world_size)
     return build_generator_data(cfg, rank, world_size, counter=skips)
 
 

@@ -39,6 +39,25 @@ def _accelerator(cfg: RecipeConfig):
     return Accelerator(cpu=cfg.train.device == "cpu", kwargs_handlers=[ddp])
 
 
+class EncodedWindows:
+    """`encode` that keeps what it encoded by sample source, up to `max_bytes` of tensors (then encodes again):
+    encoding is deterministic, so a window drawn again (a new mode, sigma, noise) reuses its latent."""
+
+    def __init__(self, encode, max_bytes: int = 4 << 30):
+        self.encode, self.max_bytes, self.used, self.items = encode, max_bytes, 0, {}
+
+    def __call__(self, sample):
+        key = getattr(sample, "source", None)
+        if key is not None and key in self.items:
+            return self.items[key]
+        item = self.encode(sample)
+        size = sum(t.numel() * t.element_size() for t in (item.latent, item.actions, item.sound) if t is not None)
+        if key is not None and self.used + size <= self.max_bytes:
+            self.items[key] = item
+            self.used += size
+        return item
+
+
 def _prepare_run_dir(cfg: RecipeConfig, resume: bool, is_main: bool) -> Path:
     run_dir = Path(cfg.output_dir)
     # Every rank checks, before any barrier, so all of them stop with this message (checked on rank 0
@@ -81,7 +100,7 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
 
     # A prepared latent cache replaces decoding and VAE encoding; without one, samples are encoded online.
     cache_index = (open_cache(cfg, data.dataset, local_checkpoint_dir(cfg), recipe_path)
-                   if cfg.objective == "generator" else None)
+                   if cfg.objective == "generator" and cfg.action is None else None)
     if cache_index is not None:
         dataset = LatentCacheDataset(cache_location(cfg), cache_index, caption_seed=data.dataset.seed)
         encode = lambda item: item  # noqa: E731
@@ -91,6 +110,9 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
             raise UserError(f"latent cache at {cache_location(cfg)} does not match the data; re-run prepare")
     else:
         dataset, encode = MarkBadSamples(data.dataset, cfg.data.skip_bad_samples), objective.encode
+        if cfg.action is not None and cfg.data.cache != "off":
+            # action windows have no `prepare` cache yet: each window is encoded once and kept in memory
+            encode = EncodedWindows(objective.encode)
 
     # ---- resume --------------------------------------------------------------------------------
     step, resumed = 0, None
@@ -147,6 +169,7 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
         total_loss, modes, data_time, samples, tokens = 0.0, {}, 0.0, 0, 0
+        modality_losses: dict = {}
         for micro in range(accum):
             t_data = time.perf_counter()
             batch = batcher.next()
@@ -160,6 +183,8 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
             tokens += MicroBatcher.tokens(batch, objective)
             for mode, n in info.modes.items():
                 modes[mode] = modes.get(mode, 0) + n
+            for name, value in getattr(info, "modality_losses", {}).items():
+                modality_losses.setdefault(name, []).append(value)
         grad_norm = None
         if cfg.train.max_grad_norm > 0:
             grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
@@ -179,7 +204,9 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
         metrics.log(step, {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
                            "data_time_s": data_time, "samples": samples, "tokens": tokens,
                            "samples_per_s": samples * accelerator.num_processes / dt,
-                           "tokens_per_s": tokens * accelerator.num_processes / dt, "modes": modes})
+                           "tokens_per_s": tokens * accelerator.num_processes / dt, "modes": modes,
+                           **{f"loss_{m}": sum(v) / len(v) for m, v in modality_losses.items()
+                              if len(modality_losses) > 1 or m != "vision"}})
         if step % cfg.train.log_every == 0 or step == 1:
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", it_s=f"{1 / dt:.1f}")
         bar.update(1)
