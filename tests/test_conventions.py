@@ -114,3 +114,36 @@ def test_conditioning_latent_equals_pipeline_encoding(tiny_pipe):
     clip = torch.cat([first[:, None], rest], dim=1)
     ours = Cosmos3Generator(tiny_pipe).encode_pixels(clip)
     assert torch.allclose(ours[:, :, 0], captured[0][:, :, 0].float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["t2v", "i2v"])
+def test_sound_segment_equals_pipeline_inputs(tiny_pipe, mode):
+    """t2v / i2v with sound: the sound segment (after vision, same temporal offset, 25 latent steps per second,
+    always noisy) and its timesteps are what the pipeline hands the transformer with enable_sound=True."""
+    from cosmos_train.models.sequence import MODALITY_KEYS, TEXT_KEYS, build_sample_sequence, sound_segment, \
+        vision_segment
+    from cosmos_train.models.sound import sound_token_count
+
+    num_frames, fps, h, w = 17, 24.0, 64, 64
+    extra = {"image": _image()} if mode == "i2v" else {}
+    cond, uncond, sigma0 = _run_pipeline_capturing(tiny_pipe, num_frames=num_frames, height=h, width=w, fps=fps,
+                                                   enable_sound=True, **extra)
+    model = Cosmos3Generator(tiny_pipe)
+    cond_ids, _ = model.tokenize(CAPTION, num_frames, h, w, fps)
+    latent_shape = cond["vision_tokens"][0].shape
+    clean = clean_frames_for_mode(mode, latent_shape[2], v2v_condition_frames=2)
+    tokens = sound_token_count(num_frames, fps)
+    assert cond["sound_tokens"][0].shape[-1] == tokens
+    ours = build_sample_sequence(cond_ids, [vision_segment(latent_shape, clean, model.geometry),
+                                            sound_segment(tokens)], fps, model.geometry)
+    keys = TEXT_KEYS + tuple(f"{m}_{k}" for m in ("vision", "sound") for k in MODALITY_KEYS)
+    for key in keys:
+        a, b = ours[key], cond[key]
+        if torch.is_tensor(b):
+            assert a.shape == b.shape and torch.allclose(a.double(), b.double(), atol=1e-6), key
+        elif isinstance(b, list) and b and torch.is_tensor(b[0]):
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), key
+        else:
+            assert a == b, key
+    expected = torch.full((ours["num_noisy_sound_tokens"],), sigma_to_timestep(sigma0))
+    assert torch.all((cond["sound_timesteps"].double() - expected.double()).abs() < 1.0)

@@ -255,6 +255,9 @@ def validate(cfg: S.RecipeConfig, where: str = "recipe") -> None:
            g.template_dropout)
     _check(g.uncond_prompt in S.UNCOND_PROMPTS, where, "generator.uncond_prompt",
            f"one of {', '.join(S.UNCOND_PROMPTS)}", g.uncond_prompt)
+    if str(g.sound).lower() in ("false", "no"):  # YAML reads a bare `off` as false
+        g.sound = "off"
+    _check(g.sound in S.SOUND_MODES, where, "generator.sound", f"one of {', '.join(S.SOUND_MODES)}", g.sound)
     for key in ("vision", "sound", "action"):
         value = getattr(g.loss_weights, key)
         _check(math.isfinite(value) and value >= 0, where, f"generator.loss_weights.{key}", "a number >= 0", value)

@@ -13,6 +13,7 @@ from omegaconf import MISSING
 OBJECTIVES = ("generator", "reasoner")
 AVAILABLE_OBJECTIVES = ("generator", "reasoner")
 GENERATION_MODES = ("t2i", "t2v", "i2v", "v2v")
+SOUND_MODES = ("off", "auto", "require")
 SIGMA_SAMPLINGS = ("logit_normal", "uniform", "mode")
 UNCOND_PROMPTS = ("pipeline", "empty")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -120,6 +121,9 @@ class LossWeights:
 class GeneratorConfig:
     modes: ModeProbabilities = field(default_factory=ModeProbabilities)
     loss_weights: LossWeights = field(default_factory=LossWeights)  # per-modality loss weights
+    # Sound from each clip's own audio track (t2v / i2v / v2v with sound): off | auto (clips without audio train
+    # without sound) | require (clips without audio are skipped and counted as no_audio). Images never have sound.
+    sound: str = "off"
     v2v_condition_frames: int = 2  # latent frames kept clean in v2v
     sigma_sampling: str = "logit_normal"
     logit_mean: float = 0.0

@@ -236,13 +236,13 @@ def build_generator_data(
         sizes = [size_of[b] for b in all_buckets]
         names = [name_of[b] for b in all_buckets]
         dataset = GeneratorDataset(records, d.num_frames, fps=d.fps, sizes=sizes, bucket_names=names,
-                                   short_clips=d.short_clips, seed=cfg.train.seed)
+                                   short_clips=d.short_clips, seed=cfg.train.seed, sound=cfg.generator.sound)
         keys: list = sizes
         fixed = None
     else:
         fixed = cfg.pixel_size()
         dataset = GeneratorDataset(records, d.num_frames, fixed[0], fixed[1], fps=d.fps,
-                                   short_clips=d.short_clips, seed=cfg.train.seed)
+                                   short_clips=d.short_clips, seed=cfg.train.seed, sound=cfg.generator.sound)
         keys = [fixed] * len(records)
 
     use_weights = len(per_source) > 1 and all(w is not None for w in weights)

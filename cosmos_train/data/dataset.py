@@ -75,6 +75,7 @@ class GeneratorDataset(Dataset):
         bucket_names: Sequence[str] | None = None,
         short_clips: str = "skip",
         seed: int = 0,
+        sound: str = "off",
     ):
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % 4:
             raise UserError(
@@ -105,6 +106,7 @@ class GeneratorDataset(Dataset):
         self.fps = fps  # target rate for records that do not set their own (recipe `data.fps`)
         self.short_clips = short_clips
         self.seed = seed  # caption choice
+        self.sound = sound  # generator.sound: off | auto | require
         self.counter = counter if counter is not None else SkipCounter()
         self.decode_report: dict[int, dict[str, Any]] = {}  # index -> first decode entry (this process)
         self._bad: dict[int, str] = {}  # index -> reason, for samples already counted as skipped
@@ -135,6 +137,7 @@ class GeneratorDataset(Dataset):
         rec = self.records[index]
         height, width = self.size_of(index)
         media = rec.media if rec.media is not None else rec.path
+        audio = None
         try:
             if rec.is_image:
                 pixels, src_size, mode = load_image_info(media, height, width)
@@ -148,10 +151,17 @@ class GeneratorDataset(Dataset):
                                        short_clips=self.short_clips, **window)
                 pixels, fps = clip.pixels, clip.fps
                 decode = self._video_entry(index, rec, clip)
+                if self.sound != "off":
+                    from cosmos_train.data.audio import load_clip_audio
+
+                    audio = load_clip_audio(media, clip)
+                    if audio is None and self.sound == "require":
+                        raise BadSampleError("the clip has no audio track (generator.sound: require)", "no_audio")
         except BadSampleError as e:
             raise BadSampleError(f"{rec.source}: {e}", e.reason) from None
         self.decode_report.setdefault(index, decode)
         return {
+            "audio": audio,  # [2, n] at 48 kHz of the clip's own track (generator.sound), or None
             "pixels": pixels,
             "caption": caption_for(rec, epoch, self.seed),
             "fps": float(fps),

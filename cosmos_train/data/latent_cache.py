@@ -87,10 +87,13 @@ class LatentCacheWriter:
         key = f"s{len(self.entries)}"
         captions = list(captions or [item.caption])
         self._pending[f"{key}.latent"] = item.latent.float().contiguous()
+        sound = getattr(item, "sound", None)
+        if sound is not None:  # the clip's sound latent, cached with its video latent
+            self._pending[f"{key}.sound"] = sound.float().contiguous()
         self.entries.append({"key": key, "shard": f"shard-{self._shard:05d}.safetensors",
                              "captions": captions,
                              "fps": item.fps, "num_frames": item.num_frames, "height": item.height,
-                             "width": item.width, "source": item.source})
+                             "width": item.width, "source": item.source, "sound": sound is not None})
         if len(self.entries) % self.shard_size == 0:
             self._flush()
 
@@ -184,6 +187,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         return LatentSample(
             latent=f.get_tensor(f"{e['key']}.latent"), caption=caption, fps=e["fps"],
             num_frames=e["num_frames"], height=e["height"], width=e["width"], source=e["source"],
+            sound=f.get_tensor(f"{e['key']}.sound") if e.get("sound") else None,
         )
 
     def __getstate__(self):  # DataLoader workers open their own handles

@@ -66,7 +66,7 @@ def load_model(cfg: RecipeConfig, *, for_encoding: bool = False):
         return Cosmos3Generator.from_pretrained(
             resolve_pretrained(m.pretrained), dtype=m.dtype, vae_dtype=m.vae_dtype, revision=m.revision,
             local_files_only=m.local_files_only, trust_remote_code=m.trust_remote_code,
-            load_transformer=not for_encoding,
+            load_transformer=not for_encoding, load_sound=cfg.generator.sound != "off",
         )
     if cfg.objective == "reasoner":
         from cosmos_train.models.reasoner import load_reasoner

@@ -41,6 +41,26 @@ def _check_source(pretrained: str, local_files_only: bool) -> None:
         raise UserError(f"model.pretrained: '{pretrained}' is neither a local directory nor a hub id (org/name)")
 
 
+def _load_sound_tokenizer(pretrained: str, dtype: str, common: dict):
+    """The checkpoint's `Cosmos3AVAEAudioTokenizer`, refused with a clear message when it cannot encode."""
+    import warnings
+
+    from diffusers import Cosmos3AVAEAudioTokenizer
+
+    from cosmos_train.models.sound import check_sound_encoder
+
+    with warnings.catch_warnings():  # torch.nn.utils.weight_norm deprecation inside diffusers
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            tokenizer = Cosmos3AVAEAudioTokenizer.from_pretrained(pretrained, subfolder="sound_tokenizer",
+                                                                  torch_dtype=DTYPES[dtype], **common)
+        except (OSError, ValueError) as err:
+            raise UserError(f"generator.sound: {pretrained} has no usable sound_tokenizer/ ({str(err).splitlines()[0]}); "
+                            "set generator.sound: off to train without sound") from None
+    check_sound_encoder(tokenizer, pretrained)
+    return tokenizer.eval()
+
+
 @dataclass
 class GeneratorSample:
     """One prepared training sample: clean latent + the static sequence around it."""
@@ -70,6 +90,7 @@ class Cosmos3Generator:
         local_files_only: bool = False,
         trust_remote_code: bool = False,
         load_transformer: bool = True,
+        load_sound: bool = False,
     ) -> "Cosmos3Generator":
         """`load_transformer=False` loads only what encoding needs (VAE, tokenizer, configs): `prepare`."""
         from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline, Cosmos3OmniTransformer, UniPCMultistepScheduler
@@ -94,6 +115,7 @@ class Cosmos3Generator:
                 pretrained, subfolder="text_tokenizer", trust_remote_code=trust_remote_code, **common
             )
             scheduler = UniPCMultistepScheduler.from_pretrained(pretrained, subfolder="scheduler", **common)
+            sound_tokenizer = _load_sound_tokenizer(pretrained, vae_dtype, common) if load_sound else None
             # The checkpoint's prompt default (Edge: no system prompt), as Cosmos3OmniPipeline.from_pretrained reads it
             default_use_system_prompt = default_use_system_prompt_of(read_model_index(pretrained, **common))
         except (OSError, ValueError, json.JSONDecodeError) as err:
@@ -106,6 +128,7 @@ class Cosmos3Generator:
         pipe = Cosmos3OmniPipeline(
             transformer=transformer, text_tokenizer=tokenizer, vae=vae, scheduler=scheduler,
             enable_safety_checker=False, default_use_system_prompt=default_use_system_prompt,
+            sound_tokenizer=sound_tokenizer,
         )
         return cls(pipe, transformer_config)
 
@@ -203,7 +226,17 @@ class Cosmos3Generator:
         if self.pipe.transformer is not None:
             self.pipe.transformer.to(device)
         self.pipe.vae.to(device)
+        if getattr(self.pipe, "sound_tokenizer", None) is not None:
+            self.pipe.sound_tokenizer.to(device)
         return self
+
+    @torch.no_grad()
+    def encode_sound(self, waveform: torch.Tensor) -> torch.Tensor:
+        """A clip's [2, n] 48 kHz waveform -> its sound latent [sound_dim, T] (one clip at a time: the tokenizer
+        peak-normalizes over its whole input)."""
+        from cosmos_train.models.sound import encode_sound
+
+        return encode_sound(self.pipe.sound_tokenizer, waveform)
 
     # ---- inputs, as the pipeline builds them -----------------------------------------------
     def tokenize(self, caption: str, num_frames: int, height: int, width: int, fps: float,

@@ -180,8 +180,10 @@ class GeneratorObjective:
         num_frames, height, width = (int(x) for x in pixels.shape[1:])
         fps = float(sample["fps"])
         latent = self.model.encode_pixels(pixels)[0].cpu()
+        audio = sample.get("audio")
+        sound = self.model.encode_sound(audio).cpu() if audio is not None and num_frames > 1 else None
         return LatentSample(latent=latent, caption=sample["caption"], fps=fps, num_frames=num_frames,
-                            height=height, width=width, source=sample.get("source", ""))
+                            height=height, width=width, source=sample.get("source", ""), sound=sound)
 
     def encode_action(self, window) -> LatentSample:
         """An action window: its clip through the pipeline's action conditioning canvas (the prompt states the

@@ -50,6 +50,9 @@ def cache_fingerprint(cfg: RecipeConfig, dataset: GeneratorDataset, checkpoint_d
         "caption_seed": dataset.seed,
         "num_frames": cfg.data.num_frames,
         "fps": cfg.data.fps,
+        "sound": cfg.generator.sound,
+        **({"sound_tokenizer": hash_directory(checkpoint_dir / "sound_tokenizer")}
+           if cfg.generator.sound != "off" else {}),
     }
 
 
