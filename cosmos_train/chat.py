@@ -87,11 +87,13 @@ def _build_record(question: str, images, videos, video_fps: float | None, video_
 
 
 def load_chat_model(model_dir: str | Path, *, device: str | None = None, dtype: str | None = None):
-    from cosmos_train.models.reasoner import Cosmos3Reasoner, resolve_reasoner_pretrained
+    from cosmos_train.models.reasoner import Cosmos3Reasoner, check_source, resolve_reasoner_pretrained
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    reasoner = Cosmos3Reasoner.from_pretrained(resolve_reasoner_pretrained(str(model_dir)), dtype=dtype)
+    source = resolve_reasoner_pretrained(str(model_dir))
+    check_source(source, what="MODEL_DIR")  # named as on the command line, not as the recipe key
+    reasoner = Cosmos3Reasoner.from_pretrained(source, dtype=dtype)
     return reasoner.to(device)
 
 

@@ -84,7 +84,8 @@ def _cmd_chat(args) -> None:
 
 
 def _cmd_generate(args) -> None:
-    from cosmos_train.inference import choose_prompt, export_prompt_format, generate_video, load_pipeline, write_mp4
+    from cosmos_train.inference import (choose_prompt, export_prompt_format, generate_clip, load_pipeline, write_mp4,
+                                        write_mp4_with_sound)
 
     if args.action is not None:
         return _generate_action(args)
@@ -100,11 +101,18 @@ def _cmd_generate(args) -> None:
                            source=str(recorded[1]) if recorded else "")
     pipe = load_pipeline(args.pipeline_dir, device=args.device, lora=args.lora)
     print(choice.description)
-    frames = generate_video(pipe, args.prompt, num_frames=args.frames, height=args.height, width=args.width,
-                            fps=args.fps, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                            prompt_choice=choice)
-    path = write_mp4(frames, args.out, fps=args.fps)
-    print(f"video: {path} ({frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]})")
+    if args.sound and getattr(pipe, "sound_tokenizer", None) is None:
+        raise UserError(f"--sound: {args.pipeline_dir} has no sound_tokenizer/ component")
+    clip = generate_clip(pipe, args.prompt, num_frames=args.frames, height=args.height, width=args.width,
+                         fps=args.fps, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                         prompt_choice=choice, enable_sound=args.sound)
+    frames = clip.frames
+    if clip.sound is not None:
+        path = write_mp4_with_sound(frames, clip.sound, args.out, fps=args.fps)
+    else:
+        path = write_mp4(frames, args.out, fps=args.fps)
+    print(f"video: {path} ({frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]}"
+          f"{', AAC 48 kHz stereo sound' if clip.sound is not None else ''})")
 
 
 def _generate_action(args) -> None:
@@ -243,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                    help="the Cosmos 3 system prompt (default: as the export was trained; else model_index.json's "
                         "default_use_system_prompt)")
+    p.add_argument("--sound", action="store_true", help="also generate the stereo soundtrack (AAC in the MP4)")
     p.add_argument("--action", default=None, choices=["policy", "forward_dynamics", "inverse_dynamics"],
                    help="an action finetune's mode: PROMPT is the task; condition on --image (or --video)")
     p.add_argument("--image", default=None, help="action modes: the conditioning frame")

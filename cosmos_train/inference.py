@@ -15,6 +15,7 @@ from cosmos_train.errors import UserError
 from cosmos_train.models.prompt_format import PromptFormat
 
 EXPORT_INFO = "cosmos_train_export.json"  # written by `cosmos-train export` next to the weights
+SOUND_SAMPLE_RATE = 48000
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> Path:
@@ -42,6 +43,8 @@ def load_pipeline(pipeline_dir: str | Path, device: str | None = None, lora: str
     pipeline_dir = Path(pipeline_dir)
     if not (pipeline_dir / "model_index.json").is_file():
         raise UserError(f"{pipeline_dir} is not a pipeline directory (no model_index.json)")
+    if lora is not None:
+        _check_adapter_record(Path(lora))
     pipe = Cosmos3OmniPipeline.from_pretrained(str(pipeline_dir), enable_safety_checker=False)
     if lora is not None:
         from cosmos_train.export.adapters import ADAPTER_WEIGHTS
@@ -52,12 +55,35 @@ def load_pipeline(pipeline_dir: str | Path, device: str | None = None, lora: str
             raise UserError(f"--lora {lora}: no {ADAPTER_WEIGHTS} there (a `cosmos-train export --lora-only` "
                             "directory of a generator run)")
         pipe.transformer.load_lora_adapter(str(lora), weight_name=names[0])
+        # diffusers only logs "No LoRA keys associated ..." when none of the adapter's names match
+        if not any("lora_" in name for name, _ in pipe.transformer.named_parameters()):
+            raise UserError(f"--lora {lora}: none of its LoRA weights matched the pipeline's transformer (not a "
+                            "generator adapter of this base?); nothing was loaded")
         from cosmos_train.models.action_heads import ACTION_HEADS_FILE, load_action_heads
 
         if (Path(lora) / ACTION_HEADS_FILE).is_file():  # an action run's heads travel beside its adapter
             load_action_heads(pipe.transformer, Path(lora) / ACTION_HEADS_FILE)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipe.to(device)
+
+
+def _check_adapter_record(lora: Path) -> None:
+    """A cosmos_train export record beside `--lora` must be a generator adapter (LoRA-only) export."""
+    path = lora / EXPORT_INFO
+    if not path.is_file():
+        return
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"--lora {lora}: unreadable {EXPORT_INFO} ({err})") from None
+    if not isinstance(info, dict):
+        raise UserError(f"--lora {lora}: {EXPORT_INFO} is not a JSON object")
+    if info.get("objective") != "generator":
+        raise UserError(f"--lora {lora}: its {EXPORT_INFO} records a {info.get('objective')} export; --lora takes "
+                        "a generator adapter (`cosmos-train export --lora-only` of a generator run)")
+    if info.get("lora_only") is False:
+        raise UserError(f"--lora {lora}: a merged generator export, not an adapter (`cosmos-train export "
+                        "--lora-only`): pass it as the pipeline directory instead")
 
 
 def export_prompt_format(*dirs) -> tuple[PromptFormat, Path] | None:
@@ -140,16 +166,41 @@ def _bare_unconditional_prompt(pipe, enabled: bool):
         del pipe.tokenize_prompt
 
 
-def generate_video(pipe, prompt: str, *, num_frames: int, height: int, width: int, fps: float = 24.0,
-                   steps: int = 35, guidance: float = 6.0, seed: int = 0, image=None,
-                   prompt_choice: PromptChoice | None = None) -> np.ndarray:
-    """[T, H, W, 3] float frames in [0, 1]. `prompt_choice` (`choose_prompt`): how to prompt (default: the
-    pipeline's defaults)."""
+@dataclass
+class GeneratedClip:
+    frames: np.ndarray  # [T, H, W, 3] float in [0, 1]
+    sound: torch.Tensor | None = None  # [2, N] waveform at 48 kHz (enable_sound)
+
+
+def generate_clip(pipe, prompt: str, *, num_frames: int, height: int, width: int, fps: float = 24.0,
+                  steps: int = 35, guidance: float = 6.0, seed: int = 0, image=None,
+                  prompt_choice: PromptChoice | None = None, enable_sound: bool = False) -> GeneratedClip:
+    """Frames (and with `enable_sound` the generated stereo soundtrack). `prompt_choice` (`choose_prompt`): how
+    to prompt (default: the pipeline's defaults)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     choice = prompt_choice or PromptChoice({}, False, "")
     with _bare_unconditional_prompt(pipe, choice.bare_uncond):
         out = pipe(prompt=prompt, num_frames=num_frames, height=height, width=width, fps=fps, image=image,
                    num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="np",
-                   enable_safety_check=False, **choice.kwargs)
+                   enable_safety_check=False, enable_sound=enable_sound, **choice.kwargs)
     video = np.asarray(out.video)
-    return video[None] if video.ndim == 3 else video
+    sound = out.sound.detach().float().cpu() if enable_sound and out.sound is not None else None
+    if sound is not None:  # the decoder returns whole hops: keep the clip's own length
+        sound = sound[..., : int(num_frames / fps * SOUND_SAMPLE_RATE)]
+    return GeneratedClip(video[None] if video.ndim == 3 else video, sound)
+
+
+def generate_video(pipe, prompt: str, **kwargs) -> np.ndarray:
+    """[T, H, W, 3] float frames in [0, 1] (`generate_clip` without sound)."""
+    return generate_clip(pipe, prompt, **kwargs).frames
+
+
+def write_mp4_with_sound(frames: np.ndarray, sound: torch.Tensor, path: str | Path, fps: float) -> Path:
+    """MP4 with H.264 video and AAC 48 kHz stereo sound (diffusers' own muxer)."""
+    from diffusers.utils import encode_video
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    encode_video(frames, fps=int(round(fps)), output_path=str(path), audio=sound.clamp(-1, 1),
+                 audio_sample_rate=SOUND_SAMPLE_RATE)
+    return path

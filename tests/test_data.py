@@ -454,7 +454,8 @@ def test_dataset_samples(media_dir):
     ds = GeneratorDataset(recs, 9, 16, 24)
     assert len(ds) == 3
     s0, s1, s2 = ds[0], ds[1], ds[2]
-    assert set(s0) == {"pixels", "caption", "fps", "source", "is_image", "decode"}
+    assert set(s0) == {"pixels", "caption", "fps", "source", "is_image", "decode", "audio"}
+    assert s0["audio"] is None  # generator.sound off: no soundtrack read
     assert s0["pixels"].shape == (3, 9, 16, 24) and s0["fps"] == 24.0 and s0["source"] == "m:1"
     assert decoded_indices(s0["pixels"]) == list(range(9))
     assert s1["fps"] == 12.0 and decoded_indices(s1["pixels"]) == [3 + 2 * k for k in range(9)]

@@ -338,6 +338,8 @@ def validate_action(cfg: S.RecipeConfig, where: str = "recipe") -> None:
            "must be > 0", a.head_lr_multiplier)
     _check(a.resolution_tier in S.ACTION_TIERS, where, "action.resolution_tier",
            f"one of {', '.join(map(str, S.ACTION_TIERS))}", a.resolution_tier)
+    _check(a.eval_windows >= 0, where, "action.eval_windows", "must be >= 0", a.eval_windows)
+    _check(a.eval_steps >= 1, where, "action.eval_steps", "must be >= 1", a.eval_steps)
     probs = {m: getattr(a.modes, m) for m in S.ACTION_MODES}
     for mode, p in probs.items():
         _check(0.0 <= p <= 1.0, where, f"action.modes.{mode}", "a probability in [0, 1]", p)

@@ -285,6 +285,9 @@ class ActionConfig:
     modes: ActionModes = field(default_factory=ActionModes)
     head_lr_multiplier: float = 5.0  # learning rate of the action heads = train.lr x this (official: 5x)
     resolution_tier: int = 256  # the pipeline's action canvas tier: 256, 480, 704 or 720
+    # held-out action error at every checkpoint (needs val_episodes > 0): windows sampled, denoising steps
+    eval_windows: int = 4
+    eval_steps: int = 10
 
 
 @dataclass

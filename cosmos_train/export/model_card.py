@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 _ABSOLUTE = re.compile(r"^(/|~|[A-Za-z]:[\\/])")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def public_name(value: str) -> str:
@@ -41,8 +42,8 @@ def run_summary(run_dir: Path) -> dict:
         losses = [r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))]
         if losses:
             tail = losses[-min(len(losses), 20):]
-            out.update(first_loss=losses[0], final_loss=tail[-1], final_loss_mean_last_20=sum(tail) / len(tail),
-                       steps_logged=len(losses))
+            out.update(first_loss=losses[0], final_loss=tail[-1], final_loss_mean=sum(tail) / len(tail),
+                       final_loss_steps=len(tail), steps_logged=len(losses))
         for key in ("val_loss", "validation_loss"):
             vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
             if vals:
@@ -57,11 +58,17 @@ def run_summary(run_dir: Path) -> dict:
     return out
 
 
-def _snippets(kind: str, repo: str, prompt_kwargs: dict, default_system: bool) -> str:
-    flags = ", ".join(f"{k}={v}" for k, v in prompt_kwargs.items())
-    load_pipe = (f'pipe = Cosmos3OmniPipeline.from_pretrained("{repo}", torch_dtype=torch.bfloat16).to("cuda")')
-    diffusers_call = (f'video = pipe(prompt="A robot arm stacks two red cubes.", {flags}).video'
-                      if flags else 'video = pipe(prompt="A robot arm stacks two red cubes.").video')
+def _generator_call(prompt_kwargs: dict) -> str:
+    args = "".join(f", {k}={v}" for k, v in prompt_kwargs.items())
+    return f'video = pipe(prompt="A robot arm stacks two red cubes."{args}).video'
+
+
+def _snippets(kind: str, repo: str, prompt_kwargs: dict, default_system: bool, *, prompt_text: str = "",
+              lora_rank: int | None = None) -> str:
+    """The load / serve snippets that work on export form `kind`. Generator snippets pass the trained prompt
+    form explicitly (`prompt_kwargs`: use_system_prompt, templates, negative prompt); `prompt_text` says it in
+    words for servers that take no such arguments."""
+    send = f"\nSend prompts in the form it trained on: {prompt_text}." if prompt_text else ""
     if kind == "generator-adapter":
         return f"""### diffusers (adapter on the base pipeline)
 ```python
@@ -69,45 +76,58 @@ import torch
 from diffusers import Cosmos3OmniPipeline
 pipe = Cosmos3OmniPipeline.from_pretrained("BASE_MODEL", torch_dtype=torch.bfloat16).to("cuda")
 pipe.transformer.load_lora_adapter("{repo}", weight_name="adapter_model.safetensors", adapter_name="finetune")
-{diffusers_call}
+{_generator_call(prompt_kwargs)}
 ```
+The prompt options are passed explicitly: the base pipeline's `default_use_system_prompt` need not be what this
+finetune trained with.
 
 ### vLLM-Omni (adapter in its module names: the `vllm-omni/` folder)
 ```bash
 vllm serve BASE_MODEL --omni --model-class-name Cosmos3OmniDiffusersPipeline --enable-lora \\
     --lora-modules finetune={repo}/vllm-omni
-```
+```{send}
 """
     if kind == "reasoner-adapter":
         return f"""### transformers + PEFT (this folder)
 ```python
 from peft import PeftModel
-from transformers import AutoProcessor, Cosmos3OmniForConditionalGeneration
+from transformers import Cosmos3OmniForConditionalGeneration, Qwen3VLProcessor
 model = Cosmos3OmniForConditionalGeneration.from_pretrained("BASE_MODEL", dtype="bfloat16", device_map="auto")
 model = PeftModel.from_pretrained(model, "{repo}")
-processor = AutoProcessor.from_pretrained("BASE_MODEL")
+processor = Qwen3VLProcessor.from_pretrained("BASE_MODEL")  # AutoProcessor gives a bare tokenizer here
 ```
 
 ### vLLM (adapter in the Cosmos 3 class's names: the `vllm/` folder)
 ```bash
-vllm serve BASE_MODEL --enable-lora --max-lora-rank RANK --lora-modules finetune={repo}/vllm
+vllm serve BASE_MODEL --enable-lora --max-lora-rank {lora_rank} --lora-modules finetune={repo}/vllm
 ```
 """
-    text = f"""### diffusers (generator)
+    transformers_text = f"""### transformers (reasoner)
+```python
+from transformers import Cosmos3OmniForConditionalGeneration, Qwen3VLProcessor
+model = Cosmos3OmniForConditionalGeneration.from_pretrained("{repo}", dtype="bfloat16", device_map="auto")
+processor = Qwen3VLProcessor.from_pretrained("{repo}")  # AutoProcessor gives a bare tokenizer here
+```"""
+    chat_text = f"""### cosmos-train chat
+```bash
+cosmos-train chat {repo} "Describe the video." --video clip.mp4
+```"""
+    if kind == "reasoner-transformers":  # a plain transformers directory: no pipeline, no released layout
+        return transformers_text + "\n\n" + chat_text + "\n"
+    generator_line = (f"\nThe pipeline's `default_use_system_prompt` is `{str(default_system).lower()}` here, as "
+                      "trained; the call passes the prompt options explicitly all the same."
+                      if kind == "generator-merged" else "")
+    return f"""### diffusers (generator)
 ```python
 import torch
 from diffusers import Cosmos3OmniPipeline
-{load_pipe}
-{diffusers_call}
-```
-The pipeline's `default_use_system_prompt` is `{str(default_system).lower()}` here, as trained.
+pipe = Cosmos3OmniPipeline.from_pretrained("{repo}", torch_dtype=torch.bfloat16).to("cuda")
+{_generator_call(prompt_kwargs)}
+```{generator_line}
 
-### transformers (reasoner)
-```python
-from transformers import AutoProcessor, Cosmos3OmniForConditionalGeneration
-model = Cosmos3OmniForConditionalGeneration.from_pretrained("{repo}", dtype="bfloat16", device_map="auto")
-processor = AutoProcessor.from_pretrained("{repo}")
-```
+{transformers_text}
+
+{chat_text if kind == "reasoner-merged" else ""}
 
 ### vLLM (reasoner serving)
 ```bash
@@ -117,9 +137,8 @@ vllm serve {repo}
 ### vLLM-Omni (generator serving)
 ```bash
 vllm serve {repo} --omni --model-class-name Cosmos3OmniDiffusersPipeline
-```
-"""
-    return text
+```{send}
+""".replace("\n\n\n\n", "\n\n")
 
 
 def write_model_card(out: Path, *, kind: str, cfg, recipe: dict, run_dir: Path, info: dict,
@@ -131,17 +150,23 @@ def write_model_card(out: Path, *, kind: str, cfg, recipe: dict, run_dir: Path, 
     repo = "THIS_DIRECTORY_OR_HUB_ID"
     trained = _what_trained(cfg)
     prompt_kwargs: dict = {}
+    prompt_text = ""
     default_system = True
-    if prompt_format:
-        default_system = bool(prompt_format.get("use_system_prompt", True))
-        if not prompt_format.get("duration_template", True) or not prompt_format.get("resolution_template", True):
-            prompt_kwargs = {"add_duration_template": bool(prompt_format.get("duration_template", True)),
-                             "add_resolution_template": bool(prompt_format.get("resolution_template", True))}
-            if prompt_format.get("uncond_prompt") == "empty" or not any(prompt_kwargs.values()):
-                prompt_kwargs["negative_prompt"] = '""'
-    lines = [
-        "---",
-        f"base_model: {base}",
+    if prompt_format and cfg.objective == "generator":
+        from cosmos_train.models.prompt_format import PromptFormat
+
+        fmt = PromptFormat.from_dict(prompt_format)
+        default_system = fmt.use_system_prompt
+        # every option explicit (as `cosmos-train generate` prompts): a base pipeline's defaults may differ
+        prompt_kwargs = {**fmt.pipeline_kwargs(fmt.templates_on), "negative_prompt": '""'}
+        prompt_text = f'{fmt.describe()}, negative prompt ""'
+        if fmt.uncond_prompt == "empty" and fmt.templates_on:
+            prompt_text += (" (the unconditional prompt trained as the bare empty prompt, without templates: "
+                            "`cosmos-train generate` does this)")
+    lines = ["---"]
+    if _HUB_ID.fullmatch(base):  # the hub wants a repo id; a local base stays in the body only
+        lines.append(f"base_model: {base}")
+    lines += [
         "library_name: diffusers" if cfg.objective == "generator" else "library_name: transformers",
         f"tags: [cosmos3, cosmos_train, {cfg.objective}, {cfg.train.method}]",
         "---",
@@ -157,9 +182,13 @@ def write_model_card(out: Path, *, kind: str, cfg, recipe: dict, run_dir: Path, 
     if prompt_format:
         lines.append(f"- Prompt format: `{json.dumps(prompt_format, sort_keys=True)}`: prompt it the same way "
                      "(`cosmos-train generate` does this by itself)")
-    for key in ("first_loss", "final_loss_mean_last_20", "validation_loss"):
-        if key in summary:
-            lines.append(f"- {key.replace('_', ' ')}: {summary[key]:.4f}")
+    if "first_loss" in summary:
+        lines.append(f"- First loss: {summary['first_loss']:.4f}")
+    if "final_loss_mean" in summary:
+        lines.append(f"- Final loss (mean of the last {summary['final_loss_steps']} logged steps): "
+                     f"{summary['final_loss_mean']:.4f}")
+    if "validation_loss" in summary:
+        lines.append(f"- Validation loss: {summary['validation_loss']:.4f}")
     if "data" in summary:
         lines.append(f"- Data: `{json.dumps(summary['data'], sort_keys=True)}`")
     if "verification_max_relative_difference" in info:
@@ -167,9 +196,11 @@ def write_model_card(out: Path, *, kind: str, cfg, recipe: dict, run_dir: Path, 
                      f"{info['verification_max_relative_difference']:.2e}")
     if info.get("action"):
         lines += ["", _action_section(info["action"], repo).strip()]
-    lines += ["", "## Load or serve it", "", _snippets(kind, repo, prompt_kwargs, default_system).strip(), "",
+    snippets = _snippets(kind, repo, prompt_kwargs, default_system, prompt_text=prompt_text,
+                         lora_rank=cfg.train.lora.rank)
+    lines += ["", "## Load or serve it", "", snippets.strip(), "",
               f"Replace `{repo}` with this directory (or the hub id you publish it under)"
-              + (" and `BASE_MODEL` with the base checkpoint." if "adapter" in kind else "."), "",
+              + (f" and `BASE_MODEL` with the base checkpoint (`{base}`)." if "BASE_MODEL" in snippets else "."), "",
               "## Recipe", "", "```yaml", yaml.safe_dump(scrub_paths(recipe), sort_keys=False).strip(), "```", ""]
     (Path(out) / "README.md").write_text("\n".join(lines))
 

@@ -133,27 +133,38 @@ def _looks_local(pretrained: str) -> bool:
     return path.is_absolute() or pretrained.startswith((".", "~")) or path.exists()
 
 
-def check_source(pretrained: str) -> None:
-    """Clear errors for a missing local directory / a non-checkpoint directory / a malformed id."""
+ROOT_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+
+
+def check_source(pretrained: str, what: str = "model.pretrained") -> None:
+    """Clear errors for a missing local directory / a non-checkpoint directory / a malformed id. `what`: how
+    the messages name the source (the recipe key, or a command-line argument such as `MODEL_DIR`)."""
     if _looks_local(pretrained):
         path = Path(pretrained).expanduser()
         if not path.is_dir():
-            raise UserError(f"model.pretrained: checkpoint directory not found: {pretrained}")
+            raise UserError(f"{what}: checkpoint directory not found: {pretrained}")
         config = path / "config.json"
         if not config.is_file():
             raise UserError(
-                f"model.pretrained: {pretrained} has no config.json: the reasoner needs the unified Cosmos 3 "
+                f"{what}: {pretrained} has no config.json: the reasoner needs the unified Cosmos 3 "
                 "checkpoint (root config.json with model_type cosmos3_omni, as nvidia/Cosmos3-Nano) or a "
                 "reasoner export")
         try:
             model_type = json.loads(config.read_text()).get("model_type")
         except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"model.pretrained: {config} is unreadable: {err}") from None
+            raise UserError(f"{what}: {config} is unreadable: {err}") from None
         if model_type not in ("cosmos3_omni", "qwen3_vl"):
-            raise UserError(f"model.pretrained: {config} has model_type {model_type!r}; the reasoner needs "
+            raise UserError(f"{what}: {config} has model_type {model_type!r}; the reasoner needs "
                             "cosmos3_omni (the unified Cosmos 3 checkpoint)")
+        if not any((path / name).is_file() for name in ROOT_WEIGHTS):
+            raise UserError(
+                f"{what}: {pretrained} has config.json but no root weights index (model.safetensors.index.json) "
+                "and no root weights (model.safetensors): the reasoner needs the released layout, whose root "
+                "index maps the weights in transformer/ and vision_encoder/ (as nvidia/Cosmos3-Nano), or a "
+                "reasoner export")
     elif pretrained.count("/") != 1:
-        raise UserError(f"model.pretrained: '{pretrained}' is neither a local directory nor a hub id (org/name)")
+        raise UserError(f"{what}: '{pretrained}' is neither a local directory nor a hub id (org/name)")
 
 
 def _load_error(pretrained: str, err: BaseException) -> UserError:

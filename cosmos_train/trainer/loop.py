@@ -159,6 +159,11 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
     if resumed:
         batcher.load_rank_state(resumed["batcher"])
     metrics = MetricsLogger(run_dir, cfg.logging, json.loads(json.dumps(_plain(cfg))), enabled=is_main)
+    evaluator = None
+    if is_main and cfg.action is not None and cfg.action.val_episodes > 0 and cfg.action.eval_windows > 0:
+        from cosmos_train.trainer.validation import ActionEvaluator
+
+        evaluator = ActionEvaluator(cfg, model, data.dataset.windows.normalizer)
 
     # ---- loop ----------------------------------------------------------------------------------
     model.transformer.train()
@@ -212,6 +217,10 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
         bar.update(1)
 
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+            if evaluator:
+                values = evaluator()
+                metrics.log(step, values)
+                print("  ".join(f"{k} {v:.4f}" for k, v in values.items()))
             _save(accelerator, run_dir, step, model, cfg, optimizer, lr_scheduler,
                   rank_state={"objective": objective.state_dict(), "batcher": batcher.rank_state()},
                   json_state={"skips": skips.state_dict(), "skipped_sources": sorted(batcher.skipped_sources)})
