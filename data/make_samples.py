@@ -263,20 +263,7 @@ def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
 
 def write_mp4(path: Path, frames: list[np.ndarray], fps: int = FPS) -> None:
     """Write uint8 HxWx3 RGB frames as H.264 / yuv420p MP4, reproducibly (single-threaded x264)."""
-    height, width = frames[0].shape[:2]
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps, 1))
-        stream.width = width
-        stream.height = height
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.thread_count = 1
-        stream.options = {"crf": "20", "preset": "medium", "threads": "1"}
-        for arr in frames:
-            frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(arr), format="yuv420p")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_mp4_with_audio(path, frames, None, fps)
 
 
 def make_samples(out_dir: Path) -> list[dict]:

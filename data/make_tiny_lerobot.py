@@ -165,6 +165,7 @@ def video_duration(path: Path) -> float:
 
 def concatenate(inputs: list[Path], output: Path) -> None:
     """video_utils.concatenate_video_files: ffconcat demuxer, stream copy, faststart."""
+    output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         listing = Path(tmp) / "list.ffconcat"
         listing.write_text("ffconcat version 1.0\n" + "".join(f"file '{p.resolve()}'\n" for p in inputs))

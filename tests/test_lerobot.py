@@ -276,30 +276,23 @@ def _encode(frames, path: Path, codec: str) -> None:
             out.mux(p)
 
 
+def _writer():
+    """data/make_tiny_lerobot.py (a script, not a package): its LeRobot-writer helpers (video duration,
+    concat demuxer + stream copy), which the AV1 fixture below reuses."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tiny_lerobot", REPO / "data" / "make_tiny_lerobot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _duration(path: Path) -> float:
-    with av.open(str(path)) as c:
-        s = c.streams.video[0]
-        return float(s.duration * s.time_base) if s.duration is not None else float(c.duration / av.time_base)
+    return _writer().video_duration(path)
 
 
 def _concat(inputs: list[Path], output: Path) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        listing = Path(tmp) / "l.ffconcat"
-        listing.write_text("ffconcat version 1.0\n" + "".join(f"file '{p.resolve()}'\n" for p in inputs))
-        src = av.open(str(listing), mode="r", format="concat", options={"safe": "0"})
-        output.parent.mkdir(parents=True, exist_ok=True)
-        dst = av.open(str(output), mode="w", options={"movflags": "faststart"})
-        smap = {}
-        for s in src.streams:
-            smap[s.index] = dst.add_stream_from_template(template=s, opaque=True)
-            smap[s.index].time_base = s.time_base
-        for packet in src.demux():
-            if packet.dts is None:
-                continue
-            packet.stream = smap[packet.stream.index]
-            dst.mux(packet)
-        src.close()
-        dst.close()
+    _writer().concatenate(inputs, output)
 
 
 def _stats(x: np.ndarray, image=False) -> dict:
