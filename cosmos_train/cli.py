@@ -103,9 +103,15 @@ def _cmd_generate(args) -> None:
     print(choice.description)
     if args.sound and getattr(pipe, "sound_tokenizer", None) is None:
         raise UserError(f"--sound: {args.pipeline_dir} has no sound_tokenizer/ component")
+    image = _read_image(args.image) if args.image else None  # i2v
+    video = None
+    if args.video:  # v2v: the clip's leading frames condition the generated one
+        from PIL import Image
+
+        video = [Image.fromarray((f * 255).round().astype("uint8")) for f in _read_clip(args.video, args.frames)]
     clip = generate_clip(pipe, args.prompt, num_frames=args.frames, height=args.height, width=args.width,
-                         fps=args.fps, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                         prompt_choice=choice, enable_sound=args.sound)
+                         fps=args.fps, steps=args.steps, guidance=args.guidance, seed=args.seed, image=image,
+                         video=video, prompt_choice=choice, enable_sound=args.sound)
     frames = clip.frames
     if clip.sound is not None:
         path = write_mp4_with_sound(frames, clip.sound, args.out, fps=args.fps)
@@ -134,12 +140,7 @@ def _generate_action(args) -> None:
     if args.video:
         video = _read_clip(args.video, chunk + 1)
     elif args.image:
-        from PIL import Image
-
-        try:
-            image = Image.open(args.image).convert("RGB")
-        except OSError as err:
-            raise UserError(f"--image {args.image}: unreadable ({err})") from None
+        image = _read_image(args.image)
     if args.actions:
         actions = read_actions(args.actions, chunk, width)
     recorded = export_prompt_format(args.lora, args.pipeline_dir)
@@ -158,6 +159,15 @@ def _generate_action(args) -> None:
         out.write_text(json.dumps({"embodiment": record["embodiment"], "mode": args.action,
                                    "actions": np.asarray(predicted).round(6).tolist()}, indent=1) + "\n")
         print(f"actions: {out} ({len(predicted)} rows of {width}, de-normalized)")
+
+
+def _read_image(path):
+    from PIL import Image
+
+    try:
+        return Image.open(path).convert("RGB")
+    except OSError as err:
+        raise UserError(f"--image {path}: unreadable ({err})") from None
 
 
 def _read_clip(path, num_frames: int):
@@ -254,8 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sound", action="store_true", help="also generate the stereo soundtrack (AAC in the MP4)")
     p.add_argument("--action", default=None, choices=["policy", "forward_dynamics", "inverse_dynamics"],
                    help="an action finetune's mode: PROMPT is the task; condition on --image (or --video)")
-    p.add_argument("--image", default=None, help="action modes: the conditioning frame")
-    p.add_argument("--video", default=None, help="action modes: the conditioning clip (inverse dynamics)")
+    p.add_argument("--image", default=None, help="i2v (and action modes): the conditioning frame")
+    p.add_argument("--video", default=None, help="v2v: a clip whose leading frames condition the video; action "
+                                                 "modes: the conditioning clip (inverse dynamics)")
     p.add_argument("--actions", default=None, help="forward dynamics: a JSON list of raw action rows")
     p.add_argument("--actions-out", default=None, help="policy / inverse dynamics: where to write the "
                                                        "de-normalized actions (default: next to --out)")

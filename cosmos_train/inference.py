@@ -173,16 +173,17 @@ class GeneratedClip:
 
 
 def generate_clip(pipe, prompt: str, *, num_frames: int, height: int, width: int, fps: float = 24.0,
-                  steps: int = 35, guidance: float = 6.0, seed: int = 0, image=None,
+                  steps: int = 35, guidance: float = 6.0, seed: int = 0, image=None, video=None,
                   prompt_choice: PromptChoice | None = None, enable_sound: bool = False) -> GeneratedClip:
     """Frames (and with `enable_sound` the generated stereo soundtrack). `prompt_choice` (`choose_prompt`): how
     to prompt (default: the pipeline's defaults)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     choice = prompt_choice or PromptChoice({}, False, "")
     with _bare_unconditional_prompt(pipe, choice.bare_uncond):
+        extra = {"video": video} if video is not None else {}  # v2v: its leading frames condition the clip
         out = pipe(prompt=prompt, num_frames=num_frames, height=height, width=width, fps=fps, image=image,
                    num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="np",
-                   enable_safety_check=False, enable_sound=enable_sound, **choice.kwargs)
+                   enable_safety_check=False, enable_sound=enable_sound, **extra, **choice.kwargs)
     video = np.asarray(out.video)
     sound = out.sound.detach().float().cpu() if enable_sound and out.sound is not None else None
     if sound is not None:  # the decoder returns whole hops: keep the clip's own length

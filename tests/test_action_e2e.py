@@ -63,6 +63,7 @@ def test_action_run_trains_and_exports_what_serving_needs(action_run, tmp_path):
     assert record["normalization"] == json.loads((run / "action_normalization.json").read_text())
     card = (root / "export" / "README.md").read_text()
     assert "World-action" in card and "--action policy" in card and str(REPO) not in card
+    assert "Held-out action error, policy" in card
     # the trained head rows of the pusht domain are in the export; other domains' rows are the base's
     from safetensors import safe_open
 

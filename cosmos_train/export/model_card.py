@@ -48,6 +48,11 @@ def run_summary(run_dir: Path) -> dict:
             vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
             if vals:
                 out["validation_loss"] = vals[-1]
+        for key in ("val_action_mae_policy", "val_action_mae_inverse_dynamics"):  # held-out, dataset units
+            vals = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if vals:
+                out[key] = vals[-1][1]
+                out[f"{key}_step"] = vals[-1][0]
     data_info = run_dir / "data_info.json"
     if data_info.is_file():
         info = json.loads(data_info.read_text())
@@ -189,6 +194,11 @@ def write_model_card(out: Path, *, kind: str, cfg, recipe: dict, run_dir: Path, 
                      f"{summary['final_loss_mean']:.4f}")
     if "validation_loss" in summary:
         lines.append(f"- Validation loss: {summary['validation_loss']:.4f}")
+    for mode in ("policy", "inverse_dynamics"):
+        key = f"val_action_mae_{mode}"
+        if key in summary:
+            lines.append(f"- Held-out action error, {mode.replace('_', ' ')} (mean absolute error of de-normalized "
+                         f"actions, step {summary[key + '_step']}): {summary[key]:.4f}")
     if "data" in summary:
         lines.append(f"- Data: `{json.dumps(summary['data'], sort_keys=True)}`")
     if "verification_max_relative_difference" in info:
