@@ -36,7 +36,10 @@ def _cmd_prepare(args) -> None:
     cfg = load_recipe(args.recipe, args.overrides)
     path, skips = prepare(cfg)
     print(skips.summary())
-    print(f"latent cache: {path} (training with this recipe uses it automatically)")
+    if cfg.action is not None:
+        print(f"action normalization: {path} (the run uses it; action windows are encoded while training)")
+    else:
+        print(f"latent cache: {path} (training with this recipe uses it automatically)")
 
 
 def _cmd_export(args) -> None:
@@ -51,7 +54,8 @@ def _cmd_export(args) -> None:
         from cosmos_train.export.reasoner import export_reasoner_run
 
         form = "transformers" if args.transformers else "release"
-        info = export_reasoner_run(args.run_dir, args.out_dir, step=args.step, form=form, lora_only=args.lora_only)
+        info = export_reasoner_run(args.run_dir, args.out_dir, step=args.step, form=form, lora_only=args.lora_only,
+                                   ema=args.ema)
         kind = ("LoRA adapters (PEFT for transformers; vllm/ for vLLM)" if args.lora_only else
                 "transformers model" if args.transformers else "Cosmos 3 checkpoint (released layout)")
     else:
@@ -60,7 +64,7 @@ def _cmd_export(args) -> None:
         if args.transformers:
             raise UserError("--transformers is for reasoner runs; a generator export is the released-layout "
                             "checkpoint (which transformers also loads) or --lora-only")
-        info = export_run(args.run_dir, args.out_dir, step=args.step, lora_only=args.lora_only)
+        info = export_run(args.run_dir, args.out_dir, step=args.step, lora_only=args.lora_only, ema=args.ema)
         kind = ("LoRA adapters (diffusers; vllm-omni/ for vLLM-Omni)" if args.lora_only else
                 "Cosmos 3 checkpoint (released layout, LoRA merged)" if info["method"] == "lora" else
                 "Cosmos 3 checkpoint (released layout)")
@@ -89,6 +93,8 @@ def _cmd_generate(args) -> None:
 
     if args.action is not None:
         return _generate_action(args)
+    if args.actions:
+        raise UserError("--actions goes with --action forward_dynamics")
 
     if args.frames < 1 or (args.frames - 1) % 4:
         raise UserError(f"--frames {args.frames}: a frame count of the form 4k+1 (1, 5, 9, ..., 93, ...)")
@@ -131,14 +137,24 @@ def _generate_action(args) -> None:
     from cosmos_train.inference import export_prompt_format, load_pipeline, write_mp4
     from cosmos_train.inference_action import action_record, generate_action, read_actions
 
+    if args.sound:
+        raise UserError("--sound does not apply to --action runs (the action pipeline call generates no sound)")
     record = action_record(args.lora, args.pipeline_dir)
     if record is None:
         raise UserError(f"--action needs an action finetune's export (its cosmos_train_export.json records the "
                         f"embodiment and action normalization); {args.pipeline_dir} has none")
     chunk, width = int(record["chunk_size"]), int(record["raw_action_dim"])
+    if args.action == "inverse_dynamics" and not args.video:
+        raise UserError(f"--action inverse_dynamics infers the actions of a clip: give --video (a clip of {chunk + 1} "
+                        "frames)")
+    if args.action != "inverse_dynamics" and not (args.image or args.video):
+        raise UserError(f"--action {args.action} starts from a frame: give --image (or --video: its first frame)")
     image = video = actions = None
     if args.video:
         video = _read_clip(args.video, chunk + 1)
+        if args.action == "inverse_dynamics" and len(video) < chunk + 1:
+            raise UserError(f"--video {args.video}: {len(video)} frames; inverse dynamics of this export needs "
+                            f"{chunk + 1} (chunk_size {chunk} + 1)")
     elif args.image:
         image = _read_image(args.image)
     if args.actions:
@@ -147,7 +163,9 @@ def _generate_action(args) -> None:
     use_system_prompt = recorded[0].use_system_prompt if recorded else None
     pipe = load_pipeline(args.pipeline_dir, device=args.device, lora=args.lora)
     print(f"action {args.action}: embodiment {record['embodiment']} (domain {record['domain_id']}, {width} wide), "
-          f"chunk {chunk} at {record['fps']} fps, normalization {record['normalization'].get('method')}")
+          f"chunk {chunk} ({chunk + 1} frames) at {record['fps']:g} fps, canvas tier {record['resolution_tier']}, "
+          f"normalization {record['normalization'].get('method')} (frames, size and fps come from the export: "
+          "--frames / --height / --width / --fps do not apply)")
     frames, predicted = generate_action(pipe, record, args.action, args.prompt, image=image, video=video,
                                         actions=actions, steps=args.steps, guidance=args.guidance, seed=args.seed,
                                         use_system_prompt=use_system_prompt)
@@ -185,6 +203,14 @@ def _read_clip(path, num_frames: int):
     return np.stack(frames).astype(np.float32) / 255.0
 
 
+def _cmd_report(args) -> None:
+    from cosmos_train.report import make_report
+
+    path = make_report(args.run_dir, args.out)
+    plots = sorted(p.name for p in path.parent.glob("*.png"))
+    print(f"report: {path} ({len(plots)} plot{'s' if len(plots) != 1 else ''}: {', '.join(plots) or 'none'})")
+
+
 def _cmd_make_tiny(args) -> None:
     from cosmos_train.models.tiny import make_tiny
 
@@ -204,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key.path=value")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--resume", dest="resume", action="store_const", const="latest", default=False,
+                   help="continue from the newest intact checkpoint in output_dir (an error when there is none)")
+    p.add_argument("--resume=auto", dest="resume", action="store_const", const="auto",
+                   help="continue when output_dir has a checkpoint, else start a new run (for requeued jobs)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("prepare", help="encode every sample once into the latent cache")
@@ -219,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-only", action="store_true",
                    help="write only the LoRA adapters as PEFT directories (generator: diffusers + vllm-omni/; "
                         "reasoner: transformers/PEFT + vllm/)")
+    p.add_argument("--ema", action="store_true",
+                   help="export the exponential moving average of the trained weights (runs with train.ema_decay)")
     p.add_argument("--transformers", action="store_true",
                    help="reasoner: a plain transformers directory instead of the released-layout checkpoint")
     p.add_argument("--unified", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
@@ -271,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actions-out", default=None, help="policy / inverse dynamics: where to write the "
                                                        "de-normalized actions (default: next to --out)")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("report", help="PNG plots and a Markdown summary of a run (RUN_DIR/report/)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("make-tiny", help="write a tiny random-weight Cosmos 3 checkpoint (for tests and the demo)")
     p.add_argument("out_dir")

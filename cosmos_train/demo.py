@@ -46,7 +46,7 @@ def run(out_root: Path) -> dict:
     print(f"$ cosmos-train train {recipe} {' '.join(overrides)}", flush=True)
     train(cfg, recipe_path=str(recipe))
 
-    losses = [m["loss"] for m in read_metrics(run_dir)]
+    losses = [m["loss"] for m in read_metrics(run_dir) if isinstance(m.get("loss"), (int, float))]
     window = max(1, len(losses) // 10)
     first, last = _mean(losses[:window]), _mean(losses[-window:])
 

@@ -61,14 +61,18 @@ def read_actions(path: str | Path, chunk: int, width: int) -> np.ndarray:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"--actions {path}: unreadable JSON ({err})") from None
-    rows = np.asarray(data["actions"] if isinstance(data, dict) else data, dtype=np.float64)
+    try:
+        rows = np.asarray(data["actions"] if isinstance(data, dict) else data, dtype=np.float64)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"--actions {path}: expected a list of rows of {width} numbers ({err})") from None
     if rows.ndim != 2 or rows.shape[1] != width:
         raise UserError(f"--actions {path}: expected rows of {width} numbers (the embodiment's width), got shape "
                         f"{tuple(rows.shape)}")
     if not np.isfinite(rows).all():
         raise UserError(f"--actions {path}: NaN or inf in the actions")
-    if rows.shape[0] < 1:
-        raise UserError(f"--actions {path}: no rows")
+    if rows.shape[0] != chunk:  # the pipeline would silently repeat the last row or cut the rest
+        raise UserError(f"--actions {path}: {rows.shape[0]} rows; this export rolls out chunks of {chunk} actions "
+                        f"(chunk_size), give exactly {chunk}")
     return rows.astype(np.float32)
 
 

@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 from cosmos_train.config import RecipeConfig
 from cosmos_train.data import MarkBadSamples, SkipCounter
-from cosmos_train.data.latent_cache import LatentCacheWriter
-from cosmos_train.errors import UserError
+from cosmos_train.data.dataset import bad_sample_marker, check_marker, close_loader_workers, is_marker
+from cosmos_train.data.latent_cache import LatentCacheWriter, check_finite_latents
+from cosmos_train.errors import BadSampleError, UserError
 from cosmos_train.models import load_model, local_checkpoint_dir
 from cosmos_train.objectives import build_objective
 from cosmos_train.trainer.inputs import build_data, cache_fingerprint, cache_location
@@ -47,15 +48,23 @@ def prepare(cfg: RecipeConfig, device: str | None = None) -> tuple[Path, SkipCou
     loader = torch.utils.data.DataLoader(MarkBadSamples(dataset, cfg.data.skip_bad_samples), batch_size=None,
                                          num_workers=cfg.data.num_workers, pin_memory=device == "cuda")
     writer = LatentCacheWriter(cache_location(cfg), fingerprint)
+    stream = None
     try:
-        bar = tqdm(loader, total=len(dataset), desc="prepare", dynamic_ncols=True,
+        stream = iter(loader)
+        bar = tqdm(stream, total=len(dataset), desc="prepare", dynamic_ncols=True,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
         for index, sample in enumerate(bar):
-            if "skipped" in sample:
+            if not is_marker(sample):
+                item = objective.encode(sample)
+                try:
+                    check_finite_latents(item, sample["source"])
+                except BadSampleError as err:  # the VAE gave NaN / inf: never cached, never trained on
+                    sample = bad_sample_marker(err, sample["source"], cfg.data.skip_bad_samples)
+            if is_marker(sample):  # a bad sample (met in a loader worker or here): as without workers
+                check_marker(sample)  # raises unless data.skip_bad_samples
                 skips.add(sample["skipped"], sample["source"], sample["message"])
                 writer.add_skipped(sample["source"], sample["skipped"], sample["message"])
                 continue
-            item = objective.encode(sample)
             record = dataset.records[index]
             writer.add(item, list(record.caption_candidates))
         for reason, examples in skips.examples.items():  # manifest-level skips, for the training summary
@@ -64,6 +73,7 @@ def prepare(cfg: RecipeConfig, device: str | None = None) -> tuple[Path, SkipCou
                     writer.add_skipped(source, reason, message, in_dataset=False)
         path = writer.finish()
     except BaseException:
+        close_loader_workers(stream)
         writer.abort()
         raise
     return path, skips

@@ -174,3 +174,26 @@ def test_policy_overfit_on_one_window_samples_its_actions_back(tiny_dir, tmp_pat
     error = float(np.abs(predicted - raw).mean())
     assert error < 0.4 * float(np.abs(raw).mean()), (error, raw, predicted)
     assert error < float(np.abs(predicted + raw).mean()) / 3
+
+
+def test_action_generate_refuses_what_it_cannot_do(action_run, tmp_path, capsys):
+    root, _ = action_run
+    frame = _first_frame(tmp_path)
+    export = str(root / "export")
+    actions = tmp_path / "short.json"
+    actions.write_text(json.dumps([[0.1, 0.0]] * 3))  # the pipeline would repeat the last row silently
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([[1, "a"]] * 8))
+    for extra, needle in ((["--action", "inverse_dynamics", "--image", str(frame)], "--video"),
+                          (["--action", "forward_dynamics", "--image", str(frame), "--actions", str(actions)],
+                           "exactly 8"),
+                          (["--action", "forward_dynamics", "--image", str(frame), "--actions", str(bad)],
+                           "numbers"),
+                          (["--action", "policy", "--image", str(frame), "--sound"], "--sound"),
+                          (["--actions", str(actions)], "--action forward_dynamics")):
+        capsys.readouterr()
+        assert main(["generate", export, "push", *extra, "--out", str(tmp_path / "x.mp4")]) == 2, extra
+        assert needle in capsys.readouterr().err, extra
+    card = (root / "export" / "README.md").read_text()
+    assert "actions = normalized * scale + center" in card and "first_frame = Image.open" in card
+    assert "LeRobot dataset `lerobot_tiny`" in card

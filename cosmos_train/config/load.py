@@ -168,6 +168,7 @@ def _resolve_paths(cfg: S.RecipeConfig, recipe_dir: Path) -> None:
     cfg.model.pretrained = resolve(cfg.model.pretrained)
     if cfg.action is not None:
         cfg.action.dataset = resolve(cfg.action.dataset)
+    _resolve_seeing_paths(cfg, resolve)
 
 
 def _check(ok: bool, where: str, key: str, allowed: str, value) -> None:
@@ -296,9 +297,12 @@ def validate(cfg: S.RecipeConfig, where: str = "recipe") -> None:
     _check(t.checkpoint_every > 0, where, "train.checkpoint_every", "must be > 0", t.checkpoint_every)
     _check(t.keep_checkpoints > 0, where, "train.keep_checkpoints", "must be > 0", t.keep_checkpoints)
     _check(t.log_every > 0, where, "train.log_every", "must be > 0", t.log_every)
+    _check(t.max_nonfinite_steps >= 1, where, "train.max_nonfinite_steps",
+           "must be >= 1 (1: stop at the first non-finite step)", t.max_nonfinite_steps)
     _check(t.device in ("auto", "cpu", "cuda"), where, "train.device", "auto, cpu or cuda", t.device)
     _check(cfg.logging.wandb_mode in ("offline", "online"), where, "logging.wandb_mode", "offline or online",
            cfg.logging.wandb_mode)
+    validate_seeing(cfg, where)
 
 
 def validate_action(cfg: S.RecipeConfig, where: str = "recipe") -> None:
@@ -388,3 +392,66 @@ def load_saved_recipe(path: str | Path) -> S.RecipeConfig:
     """Reload a resolved recipe written by `save_recipe` (paths are already absolute)."""
     merged = OmegaConf.merge(OmegaConf.structured(S.RecipeConfig), OmegaConf.create(_read_yaml(Path(path))))
     return OmegaConf.to_object(merged)
+
+
+# ---- seeing the run: validation, trackers, EMA, warm start ----------------------------------------------------
+
+
+def _resolve_seeing_paths(cfg: S.RecipeConfig, resolve) -> None:
+    v = cfg.validation
+    if v.manifest is not None:
+        v.manifest = resolve(v.manifest)
+    v.images = [resolve(i) if i else i for i in v.images]
+    if cfg.train.init_from is not None:
+        cfg.train.init_from = resolve(cfg.train.init_from)
+
+
+def validate_seeing(cfg: S.RecipeConfig, where: str = "recipe") -> None:
+    """The `validation:` section, `logging.trackers`, `train.ema_decay`, `train.init_from`."""
+    v = cfg.validation
+    _check(v.every >= 0, where, "validation.every", "steps between validations, >= 0 (0: off)", v.every)
+    _check(v.max_samples >= 1, where, "validation.max_samples", "must be >= 1", v.max_samples)
+    _check(v.manifest is None or bool(v.manifest.strip()), where, "validation.manifest", "a JSONL file path",
+           v.manifest)
+    _check(len(v.sigma_quantiles) > 0 and all(isinstance(q, (int, float)) and 0.0 < q < 1.0
+                                              for q in v.sigma_quantiles),
+           where, "validation.sigma_quantiles", "a non-empty list of quantiles in (0, 1)", v.sigma_quantiles)
+    _check(len(set(v.sigma_quantiles)) == len(v.sigma_quantiles), where, "validation.sigma_quantiles",
+           "each quantile once", v.sigma_quantiles)
+    _check(all(isinstance(p, str) and p.strip() for p in v.prompts), where, "validation.prompts",
+           "a list of non-empty prompts", v.prompts)
+    _check(len(v.images) <= len(v.prompts), where, "validation.images",
+           f"at most one conditioning image per prompt ({len(v.prompts)} prompt(s)); \"\" for none", v.images)
+    _check(v.sample_frames is None or (v.sample_frames >= 1 and (v.sample_frames - 1) % 4 == 0), where,
+           "validation.sample_frames", "a frame count of the form 4k+1 (1: images)", v.sample_frames)
+    _check(v.sample_steps >= 1, where, "validation.sample_steps", "must be >= 1", v.sample_steps)
+    _check(math.isfinite(v.sample_guidance) and v.sample_guidance >= 0, where, "validation.sample_guidance",
+           "a number >= 0 (1: no classifier-free guidance)", v.sample_guidance)
+    if cfg.objective == "reasoner" and (v.prompts or v.images):
+        raise UserError(f"{where}: 'validation.prompts' / 'validation.images' generate videos: they apply to "
+                        "objective: generator (a reasoner run's validation is its held-out loss on "
+                        "validation.manifest)")
+    if cfg.action is not None and v.manifest is not None:
+        raise UserError(f"{where}: 'validation.manifest' does not apply to action runs: their held-out data are the "
+                        "last action.val_episodes episodes")
+    if v.every > 0:
+        if cfg.action is not None:
+            if cfg.action.val_episodes <= 0:
+                raise UserError(f"{where}: validation.every={v.every} on an action run needs held-out episodes: set "
+                                "action.val_episodes > 0")
+        elif v.manifest is None and not v.prompts:
+            what = "validation.manifest (held-out conversations)" if cfg.objective == "reasoner" else \
+                "validation.manifest (held-out clips) and/or validation.prompts (samples)"
+            raise UserError(f"{where}: validation.every={v.every} but nothing to validate: set {what}, "
+                            "or validation.every=0")
+
+    lg = cfg.logging
+    for i, name in enumerate(lg.trackers):
+        _check(name in S.TRACKERS, where, f"logging.trackers[{i}]", f"one of {', '.join(S.TRACKERS)}", name)
+    _check(len(set(lg.trackers)) == len(lg.trackers), where, "logging.trackers", "each tracker once", lg.trackers)
+
+    t = cfg.train
+    _check(t.ema_decay is None or (math.isfinite(t.ema_decay) and 0.0 < t.ema_decay < 1.0), where,
+           "train.ema_decay", "a decay in (0, 1), e.g. 0.999, or null (off)", t.ema_decay)
+    _check(t.init_from is None or bool(t.init_from.strip()), where, "train.init_from",
+           "a run or checkpoint directory, or null", t.init_from)

@@ -184,6 +184,12 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
+    # --- durability (see README "Interruptions and resuming")
+    max_nonfinite_steps: int = 20  # stop after this many consecutive steps skipped for a non-finite loss / gradient
+    extend_schedule: bool = False  # resume with a changed max_steps: recompute the lr schedule over the new length
+    # --- seeing the run (see README "Seeing the run"); keep these last in the section
+    ema_decay: Optional[float] = None  # EMA of the trainable weights (e.g. 0.999), saved as ema.safetensors; None: off
+    init_from: Optional[str] = None  # warm start: a run or checkpoint directory; its trainable weights only
 
 
 # ---- Reasoner (next-token SFT of the understanding pathway; transformers' Cosmos3OmniForConditionalGeneration)
@@ -290,12 +296,33 @@ class ActionConfig:
     eval_steps: int = 10
 
 
+# Accelerate's tracker names (accelerate.tracking.LOGGER_TYPE_TO_CLASS)
+TRACKERS = ("tensorboard", "wandb", "trackio", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab")
+
+
 @dataclass
 class LoggingConfig:
-    wandb: bool = False
+    wandb: bool = False  # shorthand for trackers: [wandb]
     wandb_project: str = "cosmos_train"
     wandb_mode: str = "offline"  # offline | online
     run_name: Optional[str] = None
+    trackers: List[str] = field(default_factory=list)  # Accelerate trackers: tensorboard, wandb, mlflow, ...
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out evaluation and samples every `every` optimizer steps (see README "Seeing the run")."""
+    every: int = 0  # steps between validations; 0: off (action runs still get their action error at checkpoints)
+    manifest: Optional[str] = None  # held-out data: a generator manifest / reasoner conversations JSONL
+    #   (action runs use the held-out episodes, action.val_episodes, instead)
+    max_samples: int = 8  # held-out samples evaluated (the first N, in file order)
+    # generator: held-out loss at these quantiles of the recipe's sigma density (after the shift), fixed noise
+    sigma_quantiles: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    prompts: List[str] = field(default_factory=list)  # generator: sample videos / images from these prompts
+    images: List[str] = field(default_factory=list)  # optional i2v conditioning image per prompt ("" = none)
+    sample_frames: Optional[int] = None  # 4k+1; default data.num_frames (1: PNG images)
+    sample_steps: int = 30  # denoising steps of the samples
+    sample_guidance: float = 6.0  # CFG scale of the samples
 
 
 @dataclass
@@ -310,6 +337,7 @@ class RecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     description: str = ""
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     # Derived values; recipes may leave them unset.
     def pixel_size(self) -> tuple[int, int]:

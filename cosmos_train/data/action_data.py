@@ -123,9 +123,16 @@ def action_export_record(cfg, run_dir: Path, geometry_fps: float | None = None) 
     embodiment = resolve_embodiment(cfg.action)
     normalization = json.loads(path.read_text())
     width = embodiment.raw_action_dim or int(info.get("action_width") or 0)
+    from cosmos_train.data.action_norm import ActionNormalizer
+
+    normalizer = ActionNormalizer.from_dict(normalization)
     return {"embodiment": embodiment.name, "domain_id": embodiment.domain_id, "raw_action_dim": width,
             "new_embodiment": embodiment.new, "chunk_size": int(cfg.action.chunk_size),
             "fps": float(info.get("fps") or cfg.action.fps or geometry_fps or 0.0),
             "view_point": cfg.action.view_point, "resolution_tier": int(cfg.action.resolution_tier),
             "action_keys": list(cfg.action.action_keys), "cameras": list(cfg.action.cameras),
-            "normalization": normalization}
+            "normalization": normalization,
+            # the same map in one line for other tools: raw = normalized * scale + center (per channel)
+            "denormalize": {"scale": [float(v) for v in normalizer.scale], "center": [float(v) for v in normalizer.center]},
+            "dataset": {"name": info.get("name"), "codebase_version": info.get("codebase_version"),
+                        "episodes": info.get("episodes"), "windows": info.get("windows")}}

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cosmos_train.data.manifest import decode_line
 from cosmos_train.data.skips import SkipCounter
 from cosmos_train.errors import BadSampleError, UserError
 
@@ -253,22 +254,26 @@ def read_conversations(path: str | os.PathLike, skip_bad: bool = False,
         raise UserError(f"data.manifest: conversations file not found: {path}")
     base_dir = path.resolve().parent
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            source = f"{path}:{lineno}"
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"data.manifest: cannot read conversations file {path}: {err}") from None
+    for lineno, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        source = f"{path}:{lineno}"
+        try:
             try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise _bad(source, f"not valid JSON ({err.msg})", "bad_json") from None
-                records.append(parse_conversation(obj, base_dir, source))
-            except BadSampleError as err:
-                if not skip_bad:
-                    raise
-                if counter is not None:
-                    counter.add(err.reason, source, str(err))
+                line = decode_line(raw, source, first=lineno == 1)
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise _bad(source, f"not valid JSON ({err.msg})", "bad_json") from None
+            records.append(parse_conversation(obj, base_dir, source))
+        except BadSampleError as err:
+            if not skip_bad:
+                raise
+            if counter is not None:
+                counter.add(err.reason, source, str(err))
     return records
 
 

@@ -228,10 +228,44 @@ class GeneratorDataset(Dataset):
             return None
 
 
+def bad_sample_marker(err: Exception, source: str, skip: bool) -> dict[str, Any]:
+    """The marker a dataset returns instead of raising (from a loader worker, an exception would reach the
+    main process as a traceback): ``{"skipped": reason, "source": ..., "message": ..., "skip": bool}``.
+
+    ``skip`` is whether the sample may be counted and skipped (``data.skip_bad_samples`` for a
+    `BadSampleError`; always False for any other `UserError`, e.g. a damaged latent-cache shard, whose
+    reason is then ``error`` unless it carries one). The main process hands it to `check_marker`."""
+    reason = getattr(err, "reason", None) or "error"
+    return {"skipped": reason, "source": source, "message": str(err),
+            "skip": bool(skip) and isinstance(err, BadSampleError)}
+
+
+def is_marker(sample) -> bool:
+    return isinstance(sample, dict) and "skipped" in sample
+
+
+def check_marker(marker: dict[str, Any]) -> None:
+    """In the main process: raise the marker's error as the dataset would have raised it without workers
+    (the same `BadSampleError` text), unless it may be skipped (then the caller counts it). Markers
+    without ``skip`` (a latent cache's entries for samples `prepare` skipped) are counted."""
+    if not marker.get("skip", True):
+        raise BadSampleError(marker["message"], marker["skipped"])
+
+
+def close_loader_workers(stream) -> None:
+    """End a DataLoader iterator's worker processes now (before raising out of a loop over it), rather than
+    whenever the iterator is collected: an iterator kept alive by the error's traceback would otherwise leave
+    its workers to the interpreter's exit, where workers that ignore SIGTERM are never reaped."""
+    shutdown = getattr(stream, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
+
+
 class MarkBadSamples(Dataset):
-    """Wraps a `GeneratorDataset` for DataLoader workers (which cannot share a counter): a bad
-    sample becomes ``{"skipped": reason, "source": ..., "message": ...}`` that the main process
-    counts; with ``skip_bad=False`` the `BadSampleError` propagates."""
+    """Wraps a dataset with ``load(key)`` and ``source_of(key)`` (generator, reasoner, action) for the
+    trainer and `prepare`, with or without DataLoader workers (which cannot share a counter nor raise
+    cleanly): a bad sample, or any other `UserError` met while loading, becomes a `bad_sample_marker`
+    that the main process counts or raises (`check_marker`), so both behave exactly alike."""
 
     def __init__(self, dataset: GeneratorDataset, skip_bad: bool):
         self.dataset, self.skip_bad = dataset, skip_bad
@@ -242,10 +276,8 @@ class MarkBadSamples(Dataset):
     def __getitem__(self, key):
         try:
             return self.dataset.load(key)
-        except BadSampleError as err:
-            if not self.skip_bad:
-                raise
-            return {"skipped": err.reason, "source": self.dataset.source_of(key), "message": str(err)}
+        except UserError as err:
+            return bad_sample_marker(err, self.dataset.source_of(key), self.skip_bad)
 
 
 def collate_skip_none(batch: list[dict[str, Any] | None]) -> list[dict[str, Any]]:

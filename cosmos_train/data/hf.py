@@ -189,6 +189,33 @@ def _arrow_kind(arr) -> str:
     return "other"
 
 
+class _NotUTF8:
+    """A string cell whose bytes are not UTF-8 (Arrow's JSON / CSV readers do not check): a bad row."""
+
+    def __init__(self, err: UnicodeDecodeError):
+        self.byte = err.object[err.start] if err.start < len(err.object) else None
+        self.column = err.start + 1
+
+    def error(self, source: str, column: str) -> BadSampleError:
+        byte = f"byte 0x{self.byte:02x}" if self.byte is not None else "a byte"
+        return BadSampleError(f"{source}: column {column!r} is not valid UTF-8 ({byte} at column {self.column})",
+                              "bad_record")
+
+
+def _to_pylist(arr) -> list:
+    """`arr.to_pylist()`, with `_NotUTF8` for the cells whose strings are not valid UTF-8."""
+    try:
+        return arr.to_pylist()
+    except UnicodeDecodeError:
+        out = []
+        for scalar in arr:
+            try:
+                out.append(scalar.as_py())
+            except UnicodeDecodeError as err:
+                out.append(_NotUTF8(err))
+        return out
+
+
 def _media_column_info(table: HFTable, name: str):
     """-> (paths: list[str | None], has_bytes: list[bool]) without materializing the bytes."""
     import pyarrow.compute as pc
@@ -196,11 +223,11 @@ def _media_column_info(table: HFTable, name: str):
     arr = table.column(name)
     kind = _arrow_kind(arr)
     if kind == "string":
-        return arr.to_pylist(), [False] * len(arr)
+        return _to_pylist(arr), [False] * len(arr)
     if kind == "binary":
         return [None] * len(arr), pc.is_valid(arr).to_pylist()
     if kind == "struct":
-        paths = pc.struct_field(arr, "path").to_pylist()
+        paths = _to_pylist(pc.struct_field(arr, "path"))
         has_bytes = pc.is_valid(pc.struct_field(arr, "bytes")).to_pylist()
         return paths, has_bytes
     raise UserError(f"hf_dataset {table.label}: column {name!r} has type {arr.type}; a media column holds "
@@ -250,7 +277,7 @@ def read_hf_dataset(
     if n == 0:
         raise UserError(f"hf_dataset {label} has no rows")
     media_info = {c: _media_column_info(table, c) for c in media_cols}
-    values = {k: table.column(c).to_pylist() for k, c in wanted.items() if c}
+    values = {k: _to_pylist(table.column(c)) for k, c in wanted.items() if c}
     if media_root is not None:
         root = Path(os.path.expanduser(media_root)).resolve()
     elif default_root is not None:
@@ -265,6 +292,8 @@ def read_hf_dataset(
             media = media_col = raw_path = None
             for c in media_cols:
                 paths, has_bytes = media_info[c]
+                if isinstance(paths[row], _NotUTF8):
+                    raise paths[row].error(source, c)
                 if has_bytes[row]:
                     media_col, media = c, HFMedia(table, row, c)
                     raw_path = paths[row] or f"{label}:row {row} ({c})"
@@ -280,6 +309,8 @@ def read_hf_dataset(
                 v = vals[row]
                 if v is None:
                     continue
+                if isinstance(v, _NotUTF8):
+                    raise v.error(source, wanted[key])
                 if key == "caption":
                     obj["captions" if isinstance(v, (list, tuple)) else "caption"] = list(v) if isinstance(
                         v, (list, tuple)) else v

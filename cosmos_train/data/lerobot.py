@@ -81,28 +81,59 @@ class EpisodeInfo:
 
 
 def _read_json(path: Path, name: str) -> dict:
+    """A JSON object file (info.json, stats.json); a damaged one is a UserError naming the file and line."""
     try:
-        return json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{name}: {path.name} not found ({path})") from None
-    except (OSError, ValueError) as e:
+    except OSError as e:
         raise UserError(f"{name}: cannot read {path} ({type(e).__name__}: {e})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UserError(f"{name}: {path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+                        "the file is damaged") from None
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        where = f"{path}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else str(path)
+        raise UserError(f"{name}: {where}: not valid JSON ({getattr(e, 'msg', e)}); the file is damaged") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{name}: {path}: expected a JSON object, got {type(obj).__name__}; the file is damaged")
+    return obj
 
 
 def _read_jsonl(path: Path, name: str) -> list[dict]:
+    from cosmos_train.data.manifest import decode_line
+
     if not path.is_file():
         raise UserError(f"{name}: {path.relative_to(path.parent.parent)} not found ({path})")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{name}: cannot read {path} ({type(e).__name__}: {e})") from None
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
+    for n, raw in enumerate(data.splitlines(), 1):
+        if raw.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(decode_line(raw, f"{path}:{n}", first=n == 1))
+            except BadSampleError as e:  # not UTF-8
+                raise UserError(f"{name}: {e}") from None
             except ValueError as e:
                 raise UserError(f"{name}: {path}:{n}: not JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{name}: {path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
     return rows
 
 
 def _read_parquet(path: Path, name: str, columns: list[str] | None = None):
+    """A parquet table; a damaged file (bad footer, pages, page checksums where written) is a UserError
+    naming it. Damage that leaves a well-formed file of finite numbers is only caught by the reader's
+    consistency checks (episode / frame indexes, lengths, timestamps against the video)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not path.is_file():
@@ -111,9 +142,10 @@ def _read_parquet(path: Path, name: str, columns: list[str] | None = None):
         if columns is not None:
             available = set(pq.read_schema(path).names)
             columns = [c for c in columns if c in available]
-        return pq.read_table(path, columns=columns)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{name}: cannot read {path} ({type(e).__name__}: {e})") from None
+        return pq.read_table(path, columns=columns, page_checksum_verification=True)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise UserError(f"{name}: cannot read {path}: the file is damaged or not parquet "
+                        f"({type(e).__name__}: {str(e).strip()})") from None
 
 
 def column_to_float32(column, n_rows: int | None = None, *, what: str = "column") -> np.ndarray:

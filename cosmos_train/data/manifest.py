@@ -23,7 +23,7 @@ Keys:
   height       aspect-ratio bucketing skip probing the file; decoding always uses the real size.
 
 Every problem is reported as `BadSampleError(message, reason)` whose message starts with
-``<manifest>:<line>``; reasons: ``bad_json``, ``bad_record``, ``empty_caption``, ``missing_file``,
+``<manifest>:<line>``; reasons: ``bad_json`` (also: not UTF-8), ``bad_record``, ``empty_caption``, ``missing_file``,
 ``unreadable`` (the file exists but cannot be opened, e.g. permission denied).
 """
 
@@ -269,6 +269,16 @@ def parse_record(
     )
 
 
+def decode_line(raw: bytes, source: str, first: bool = False) -> str:
+    """One line of a JSONL file as text; `BadSampleError` (``bad_json``) naming the byte and its column
+    (1-based, in bytes) when it is not valid UTF-8. `first`: a UTF-8 byte-order mark is allowed."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        raise BadSampleError(f"{source}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                             "save the file as UTF-8", "bad_json") from None
+
+
 def read_manifest(
     path: str | os.PathLike, skip_bad: bool = False, counter: SkipCounter | None = None
 ) -> list[ManifestRecord]:
@@ -298,10 +308,7 @@ def read_manifest(
     for lineno, raw in enumerate(data.splitlines(), start=1):
         source = f"{name}:{lineno}"
         try:
-            try:
-                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise BadSampleError(f"{source}: line is not valid UTF-8 ({e.reason})", "bad_json") from None
+            text = decode_line(raw, source, first=lineno == 1)
             if not text.strip():
                 continue
             n_lines += 1

@@ -65,14 +65,15 @@ def _dtype_of(transformer) -> torch.dtype:
     return transformer.embed_tokens.weight.dtype
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None, lora_only: bool = False) -> dict:
+def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None, lora_only: bool = False,
+               ema: bool = False) -> dict:
     """Export RUN_DIR's checkpoint (latest, or `step`) to OUT_DIR: the released-layout checkpoint with the
     trained transformer put in (default), or the LoRA adapters (`lora_only`); see the module docstring."""
     from cosmos_train.config import load_saved_recipe
     from cosmos_train.models.prompt_format import resolve_prompt_format
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    cfg, checkpoint, weights, state = open_run(run_dir, out_dir, "generator", step)
+    cfg, checkpoint, weights, state = open_run(run_dir, out_dir, "generator", step, ema=ema)
     if lora_only and cfg.train.method != "lora":
         raise UserError("--lora-only needs a LoRA run; this run used full finetuning")
 
@@ -84,7 +85,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
     prompt_format = resolve_prompt_format(cfg.generator, trained.default_use_system_prompt).to_dict()
     base = public_name(cfg.model.pretrained)
     info = {"objective": "generator", "checkpoint": checkpoint.name, "step": state["step"],
-            "method": cfg.train.method, "full_trainable": cfg.train.full_trainable if cfg.train.method == "full"
+            "method": cfg.train.method, "ema": ema, "full_trainable": cfg.train.full_trainable if cfg.train.method == "full"
             else None, "lora_only": lora_only, "base_model": base, "base_revision": cfg.model.revision,
             "prompt_format": prompt_format}
     if cfg.action is not None:

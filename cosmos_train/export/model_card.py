@@ -199,13 +199,18 @@ def write_model_card(out: Path, *, kind: str, cfg, recipe: dict, run_dir: Path, 
         if key in summary:
             lines.append(f"- Held-out action error, {mode.replace('_', ' ')} (mean absolute error of de-normalized "
                          f"actions, step {summary[key + '_step']}): {summary[key]:.4f}")
-    if "data" in summary:
+    if info.get("action", {}).get("dataset"):
+        d = info["action"]["dataset"]
+        lines.append(f"- Data: LeRobot dataset `{d.get('name')}` ({d.get('codebase_version')}), episodes "
+                     f"{d.get('episodes')}, {d.get('windows')} training windows")
+    elif "data" in summary:
         lines.append(f"- Data: `{json.dumps(summary['data'], sort_keys=True)}`")
     if "verification_max_relative_difference" in info:
         lines.append(f"- Verified on export: max relative difference to the trained model "
                      f"{info['verification_max_relative_difference']:.2e}")
     if info.get("action"):
-        lines += ["", _action_section(info["action"], repo).strip()]
+        lines += ["", _action_section(info["action"], repo,
+                                      bool((prompt_format or {}).get("use_system_prompt", True))).strip()]
     snippets = _snippets(kind, repo, prompt_kwargs, default_system, prompt_text=prompt_text,
                          lora_rank=cfg.train.lora.rank)
     lines += ["", "## Load or serve it", "", snippets.strip(), "",
@@ -215,8 +220,11 @@ def write_model_card(out: Path, *, kind: str, cfg, recipe: dict, run_dir: Path, 
     (Path(out) / "README.md").write_text("\n".join(lines))
 
 
-def _action_section(a: dict, repo: str) -> str:
+def _action_section(a: dict, repo: str, use_system: bool = True) -> str:
     norm = a["normalization"]
+    affine = a.get("denormalize") or {"scale": [1.0] * int(a["raw_action_dim"]), "center": [0.0] * int(a["raw_action_dim"])}
+    scale = [round(v, 6) for v in affine["scale"]]
+    center = [round(v, 6) for v in affine["center"]]
     new = (f"`{a['embodiment']}` is not one of diffusers' embodiments: register it before the call (the tables are "
            "read at call time)" if a.get("new_embodiment") else f"`{a['embodiment']}` is one of diffusers' embodiments")
     return f"""## World-action
@@ -225,7 +233,9 @@ def _action_section(a: dict, repo: str) -> str:
   {a['fps']:g} fps, view point `{a['view_point']}`, action canvas tier {a['resolution_tier']}.
 - Actions are **normalized** (`{norm.get('method')}`, statistics in `cosmos_train_export.json` under
   `action.normalization`): diffusers does not normalize, so normalize the actions you give (forward dynamics) and
-  de-normalize the ones it returns (policy, inverse dynamics). `cosmos-train generate` does both.
+  de-normalize the ones it returns (policy, inverse dynamics): raw = normalized x scale + center per channel
+  (`action.denormalize` in `cosmos_train_export.json`; normalize with (raw - center) / scale). `cosmos-train
+  generate` does both.
 
 ```bash
 cosmos-train generate {repo} "your task" --action policy --image first_frame.png --out policy.mp4
@@ -234,18 +244,25 @@ cosmos-train generate {repo} "your task" --action inverse_dynamics --video clip.
 ```
 
 ```python
+import numpy as np
 import torch
 from diffusers import Cosmos3OmniPipeline
 from diffusers.pipelines.cosmos import pipeline_cosmos3_omni as cosmos3
 from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import CosmosActionCondition
+from PIL import Image
 cosmos3._EMBODIMENT_TO_DOMAIN_ID["{a['embodiment']}"] = {a['domain_id']}
 cosmos3._EMBODIMENT_TO_RAW_ACTION_DIM["{a['embodiment']}"] = {a['raw_action_dim']}
-pipe = Cosmos3OmniPipeline.from_pretrained("{repo}", torch_dtype=torch.bfloat16).to("cuda")
-out = pipe(prompt="your task", fps={a['fps']:g}, action=CosmosActionCondition(
-    mode="policy", chunk_size={a['chunk_size']}, domain_name="{a['embodiment']}",
-    resolution_tier={a['resolution_tier']}, image=first_frame, view_point="{a['view_point']}"))
-normalized_actions = out.action[0][:, :{a['raw_action_dim']}]  # de-normalize with action.normalization
+pipe = Cosmos3OmniPipeline.from_pretrained("{repo}", dtype=torch.bfloat16).to("cuda")
+first_frame = Image.open("first_frame.png").convert("RGB")   # the camera view(s) the finetune was trained on
+out = pipe(prompt="your task", fps={a['fps']:g}, use_system_prompt={use_system},
+           generator=torch.Generator().manual_seed(0), action=CosmosActionCondition(
+               mode="policy", chunk_size={a['chunk_size']}, domain_name="{a['embodiment']}",
+               resolution_tier={a['resolution_tier']}, image=first_frame, view_point="{a['view_point']}"))
+normalized = out.action[0][:, :{a['raw_action_dim']}].float().cpu().numpy()
+scale, center = np.array({scale}), np.array({center})
+actions = normalized * scale + center   # de-normalized: the dataset's own units
 ```
+
 """
 
 

@@ -171,7 +171,7 @@ def _base_directory(cfg, pretrained: str) -> Path:
 
 
 def export_reasoner_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None,
-                        form: str = "release", lora_only: bool = False) -> dict:
+                        form: str = "release", lora_only: bool = False, ema: bool = False) -> dict:
     """Export RUN_DIR's checkpoint (latest, or `step`) to OUT_DIR; see the module docstring.
     `form`: `release` (the base checkpoint with the finetuned weights put back) or `transformers`."""
     from transformers import Cosmos3OmniForConditionalGeneration
@@ -189,7 +189,7 @@ def export_reasoner_run(run_dir: str | Path, out_dir: str | Path, *, step: int |
     if form not in ("release", "transformers"):
         raise ValueError(f"unknown reasoner export form {form!r}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    cfg, checkpoint, weights, state = open_run(run_dir, out_dir, "reasoner", step)
+    cfg, checkpoint, weights, state = open_run(run_dir, out_dir, "reasoner", step, ema=ema)
     dtype = DTYPES[cfg.model.dtype]
     if lora_only and any(".lora_" not in k for k in weights):
         raise UserError("--lora-only needs a run that trained only LoRA adapters; this run also trained whole "
@@ -208,7 +208,7 @@ def export_reasoner_run(run_dir: str | Path, out_dir: str | Path, *, step: int |
     base = public_name(cfg.model.pretrained)
     reasoner = load_trained_reasoner(cfg, weights)
     info = {"objective": "reasoner", "checkpoint": checkpoint.name, "step": state["step"], "base_model": base,
-            "base_revision": cfg.model.revision, "form": "lora-only" if lora_only else form}
+            "base_revision": cfg.model.revision, "form": "lora-only" if lora_only else form, "ema": ema}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cosmos-train-export-") as scratch_dir, \
             staged_directory(out_dir) as tmp:

@@ -13,7 +13,7 @@ from pathlib import Path
 from cosmos_train.errors import UserError
 
 
-def open_run(run_dir: Path, out_dir: Path, objective: str, step: int | None):
+def open_run(run_dir: Path, out_dir: Path, objective: str, step: int | None, ema: bool = False):
     """A run directory's recipe and checkpoint (latest, or `step`), after the checks every export makes:
     it is a run of `objective`, and `out_dir` would not overwrite anything. -> (cfg, checkpoint, weights, state)"""
     from cosmos_train.config import load_saved_recipe
@@ -28,6 +28,10 @@ def open_run(run_dir: Path, out_dir: Path, objective: str, step: int | None):
         raise UserError(f"this exporter handles {objective} runs; {run_dir} is a '{cfg.objective}' run")
     checkpoint = ckpt.find_checkpoint(Path(run_dir), step)
     weights, state, _ = ckpt.load_checkpoint(checkpoint)
+    if ema:  # the exponential moving average of the trainable weights (train.ema_decay), same keys
+        from cosmos_train.trainer.ema import ema_weights_for_export
+
+        weights = ema_weights_for_export(checkpoint)
     return cfg, checkpoint, weights, state
 
 

@@ -138,6 +138,7 @@ class StepInfo:
     sigmas: list
     num_samples: int
     modality_losses: dict = field(default_factory=dict)  # mean loss per modality over the batch
+    sample_losses: list = field(default_factory=list)  # each sample's weighted loss, in batch order (with sigmas)
 
 
 class GeneratorObjective:
@@ -331,7 +332,8 @@ class GeneratorObjective:
         for s in batch:
             modes[s.mode] = modes.get(s.mode, 0) + 1
         info = StepInfo(modes=modes, sigmas=[s.sigma for s in batch], num_samples=len(batch),
-                        modality_losses={m: sum(v) / len(v) for m, v in by_modality.items()})
+                        modality_losses={m: sum(v) / len(v) for m, v in by_modality.items()},
+                        sample_losses=[float(t.detach()) for t in totals])
         return torch.stack(totals).mean(), info
 
     def state_dict(self) -> dict:

@@ -11,6 +11,7 @@ import warnings
 
 
 from cosmos_train.data import DecodeLog
+from cosmos_train.data.dataset import check_marker, close_loader_workers, is_marker
 from cosmos_train.data.packing import StreamingPacker
 from cosmos_train.errors import UserError
 
@@ -32,6 +33,7 @@ class MicroBatcher:
             self.skipped_sources.add(source)
             self.skips.add(reason, source, message)
         if self.reachable <= self.skipped_sources:
+            self.close()
             raise UserError(f"every sample in {self.cfg.data.manifest} is unusable:\n{self.skips.summary()}")
 
     def _oversize(self, item, length: int) -> None:
@@ -45,12 +47,19 @@ class MicroBatcher:
         while True:
             sample = next(self.stream)
             self.consumed += 1
-            if isinstance(sample, dict) and "skipped" in sample:
+            if is_marker(sample):  # a bad sample met by the dataset (in a loader worker or here)
+                if not sample.get("skip", True):
+                    self.close()
+                check_marker(sample)  # raises it as a clean error unless data.skip_bad_samples
                 self._unusable(sample["source"], sample["skipped"], sample["message"])
                 continue
             if isinstance(sample, dict):
                 self.decode_log.add(sample.get("decode"))
             return self.objective.draw(self.encode(sample))
+
+    def close(self) -> None:
+        """Stop the stream's loader workers (when it has any); done before this batcher raises."""
+        close_loader_workers(self.stream)
 
     def next(self) -> list:
         if self.packer is None:

@@ -3,6 +3,10 @@
 Runs one process or many (torchrun / accelerate launch) through Accelerate. A micro-step is one pack
 of samples sharing a transformer forward (`train.packing`), or `train.batch_size` single-sample forwards;
 `train.grad_accum_steps` micro-steps make an optimizer step.
+
+Durability (README "Interruptions and resuming"): SIGTERM / SIGINT finish the current optimizer step, save a
+checkpoint and exit 143 / 130; a step with a non-finite loss or gradient is skipped (no update) and counted;
+`--resume` falls back past damaged checkpoints and refuses a recipe that changed the schedule or data order.
 """
 
 from __future__ import annotations
@@ -10,11 +14,16 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from cosmos_train.config import RecipeConfig, save_recipe
@@ -27,8 +36,94 @@ from cosmos_train.objectives import build_objective
 from cosmos_train.trainer import checkpoint as ckpt
 from cosmos_train.trainer.batching import MicroBatcher
 from cosmos_train.trainer.inputs import build_data, cache_location, open_cache
+from cosmos_train.trainer import metrics as M
+from cosmos_train.trainer.adapters import is_gen_param
+from cosmos_train.trainer.ema import EMA, EMA_WEIGHTS, load_warm_start
 from cosmos_train.trainer.metrics import MetricsLogger
-from cosmos_train.trainer.optim import build_optimizer
+from cosmos_train.trainer.validation import build_validation
+from cosmos_train.trainer.optim import build_optimizer, lr_multiplier
+
+# Recipe keys a resumed run must share with the run it continues: they set the learning-rate schedule, the
+# data order (and the noise drawn for it) or the shape of the trained weights. train.max_steps is handled
+# on its own (see _check_schedule); anything else (logging, checkpoint_every, num_workers, ...) may change.
+RESUME_KEYS = (
+    "objective", "train.lr", "train.lr_schedule", "train.warmup_steps", "train.min_lr_ratio", "train.seed",
+    "train.batch_size", "train.grad_accum_steps", "train.packing", "train.method", "train.lora",
+    "train.full_trainable", "data.manifest", "data.sources", "data.shuffle", "data.resolution", "data.height",
+    "data.width", "data.aspect_buckets", "data.num_frames", "action.dataset", "action.cameras",
+    "action.chunk_size", "action.window_stride", "action.val_episodes",
+)
+
+
+class Interrupted(SystemExit):
+    """The run stopped on SIGTERM / SIGINT; `code` is 128 + the signal number (143, 130)."""
+
+
+class GracefulStop:
+    """SIGTERM / SIGINT handlers for the training loop: the first signal asks the loop to stop after the
+    current optimizer step (with a checkpoint); a second one ends the run at once (no checkpoint).
+
+    The same stop often arrives twice within milliseconds (a terminal's Ctrl-C reaches torchrun and its
+    ranks, and torchrun forwards it again; Slurm signals every process of a step): a repeat within
+    `REPEAT_GRACE_S` seconds of the first counts as the same request."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    REPEAT_GRACE_S = 1.0
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._first = 0.0
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum or signal.SIGTERM)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGTERM).name
+
+    def install(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _say(self, text: str) -> None:
+        # os.write, not print: a handler may run while the main thread is inside a buffered write
+        try:
+            os.write(2, f"\ncosmos-train: {text}\n".encode())
+        except OSError:
+            pass
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._first = signum, now
+            self._say(f"{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+                      "(send it again to stop at once, without one)")
+            return
+        if now - self._first < self.REPEAT_GRACE_S:
+            return
+        self._say(f"second signal ({signal.Signals(signum).name}): stopping now, without a checkpoint")
+        self.restore()
+        raise Interrupted(128 + signum)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave stopping to the main process (a Ctrl-C or a scheduler's SIGTERM reaches
+    them too, and a dead worker would fail the step the main process is finishing)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _accelerator(cfg: RecipeConfig):
@@ -37,6 +132,25 @@ def _accelerator(cfg: RecipeConfig):
 
     ddp = DistributedDataParallelKwargs(find_unused_parameters=adapter_class(cfg).ddp_find_unused_parameters(cfg))
     return Accelerator(cpu=cfg.train.device == "cpu", kwargs_handlers=[ddp])
+
+
+def _on_main(accelerator, fn):
+    """Run `fn` on the main process; a UserError there is raised on every rank (not a hang in the next
+    collective)."""
+    error, result = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except UserError as err:
+            error = err
+    if accelerator.num_processes > 1:
+        shared = [None if error is None else str(error)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        if shared[0] is not None and error is None:
+            error = UserError(shared[0])
+    if error is not None:
+        raise error
+    return result
 
 
 class EncodedWindows:
@@ -58,26 +172,207 @@ class EncodedWindows:
         return item
 
 
-def _prepare_run_dir(cfg: RecipeConfig, resume: bool, is_main: bool) -> Path:
-    run_dir = Path(cfg.output_dir)
-    # Every rank checks, before any barrier, so all of them stop with this message (checked on rank 0
-    # alone, the other ranks crash in the barrier with a "connection closed by peer" traceback).
-    if not resume and ckpt.list_checkpoints(run_dir):
+# ---- the run directory and what --resume may continue -----------------------------------------------------
+
+def _resume_mode(resume) -> str:
+    """False/None: a new run; True / "latest": continue (an error with nothing to continue); "auto": continue
+    when there is a checkpoint, else start."""
+    if resume in (False, None, "off"):
+        return "off"
+    if resume in (True, "latest"):
+        return "latest"
+    if resume == "auto":
+        return "auto"
+    raise UserError(f"--resume: unknown mode {resume!r} (--resume or --resume=auto)")
+
+
+def _check_output_dir(run_dir: Path) -> None:
+    """output_dir must be (or be creatable as) a writable directory; checked on every rank, before a barrier."""
+    for path in (run_dir, *run_dir.parents):
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            what = "is a file" if path == run_dir else f"cannot be created: {path} is a file"
+            raise UserError(f"output_dir {run_dir} {what}, not a directory; choose another output_dir")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"output_dir {run_dir}: {path} is not writable (permission denied); choose another "
+                            "output_dir or fix its permissions")
+        break
+    root = ckpt.checkpoint_dir(run_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root} is a file, not a directory; move it away or choose another output_dir")
+
+
+def _get(tree, key: str):
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+_MISSING = object()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_resume_recipe(cfg: RecipeConfig, run_dir: Path, latest: Path) -> list[str]:
+    """Refuse a recipe whose schedule / data-order keys differ from the run's saved recipe.yaml; handle a
+    changed train.max_steps (_check_schedule). Returns lines to print."""
+    import yaml
+
+    saved = None
+    if (run_dir / "recipe.yaml").is_file():
+        try:
+            saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            saved = None
+    saved = saved if isinstance(saved, dict) else {}
+    current = _plain(cfg)
+    changed = []
+    for key in RESUME_KEYS:
+        before, now = _get(saved, key), _get(current, key)
+        if before is not _MISSING and before != (None if now is _MISSING else now):
+            changed.append(f"{key}: {before!r} -> {None if now is _MISSING else now!r}")
+    if changed:
         raise UserError(
-            f"output_dir {run_dir} already holds checkpoints; pass --resume to continue that run "
-            "or choose another output_dir (nothing is overwritten)"
-        )
-    if is_main:
+            f"cannot resume {run_dir}: the recipe changed keys that set the learning-rate schedule, the data "
+            f"order or the trained weights ({'; '.join(changed)}). Resume with the run's values (its "
+            f"{run_dir / 'recipe.yaml'}), or start a new run in another output_dir")
+    state = _read_json(latest / ckpt.STATE)
+    saved_steps = _get(saved, "train.max_steps")
+    schedule_steps = int(state.get("schedule_steps") or (saved_steps if saved_steps is not _MISSING else 0)
+                         or cfg.train.max_steps)
+    return _check_schedule(cfg, int(state.get("step", 0)), schedule_steps)
+
+
+def _check_schedule(cfg: RecipeConfig, step: int, schedule_steps: int) -> list[str]:
+    """A resumed run with another train.max_steps than the schedule was built for: the lr schedule (built from
+    max_steps) would silently change, so this needs train.extend_schedule=true unless the learning rate of the
+    steps left is the same either way (a constant schedule, or still in warmup)."""
+    t = cfg.train
+    if t.max_steps < step:
+        raise UserError(f"train.max_steps={t.max_steps} is below the step of the checkpoint to resume ({step}); "
+                        f"set train.max_steps >= {step}")
+    if t.max_steps == schedule_steps:
+        return []
+
+    def lr_at(max_steps):
+        return t.lr * multiplier(step, max_steps)
+
+    def multiplier(s, max_steps):
+        return lr_multiplier(s, warmup_steps=t.warmup_steps, max_steps=max_steps, schedule=t.lr_schedule,
+                             min_ratio=t.min_lr_ratio)
+
+    # the lr of the steps left to train (0-based step indexes step .. max_steps-1) under either length
+    if all(math.isclose(multiplier(s, schedule_steps), multiplier(s, t.max_steps), rel_tol=1e-12)
+           for s in range(step, t.max_steps)):
+        return [f"train.max_steps {schedule_steps} -> {t.max_steps} (the learning rate of the steps left is the same "
+                f"either way: {'a constant schedule' if t.lr_schedule == 'constant' else 'still warming up'})"]
+    if t.extend_schedule:
+        return [f"train.max_steps {schedule_steps} -> {t.max_steps}: the {t.lr_schedule} learning-rate schedule is "
+                f"recomputed over {t.max_steps} steps (train.extend_schedule=true); lr at step {step + 1}: "
+                f"{lr_at(schedule_steps):.3g} -> {lr_at(t.max_steps):.3g}"]
+    raise UserError(
+        f"train.max_steps changed from {schedule_steps} to {t.max_steps}, and this run's {t.lr_schedule} learning-"
+        f"rate schedule is {schedule_steps} steps long. Set train.extend_schedule=true to recompute the schedule "
+        f"over {t.max_steps} steps (the lr at step {step + 1} becomes {lr_at(t.max_steps):.3g} instead of "
+        f"{lr_at(schedule_steps):.3g}), or resume with train.max_steps={schedule_steps}")
+
+
+def _plan_run(cfg: RecipeConfig, mode: str) -> tuple[bool, list[str]]:
+    """Every rank, before any barrier: is this a resume, and may it be one? -> (resuming, lines to print)."""
+    run_dir = Path(cfg.output_dir)
+    _check_output_dir(run_dir)
+    found = ckpt.list_checkpoints(run_dir)
+    if mode == "off":
+        if found:
+            raise UserError(
+                f"output_dir {run_dir} already holds checkpoints; pass --resume to continue that run "
+                "or choose another output_dir (nothing is overwritten)"
+            )
+        return False, []
+    if not found:
+        if mode == "latest":
+            raise UserError(
+                f"--resume: nothing to resume in {run_dir} (no checkpoint in {ckpt.checkpoint_dir(run_dir)}); "
+                "drop --resume to start a new run there, or pass --resume=auto (continue when there is a "
+                "checkpoint, start otherwise)")
+        return False, [f"--resume=auto: no checkpoint in {ckpt.checkpoint_dir(run_dir)}; starting a new run"]
+    return True, _check_resume_recipe(cfg, run_dir, found[-1])
+
+
+def _write_run_dir(cfg: RecipeConfig) -> Path:
+    run_dir = Path(cfg.output_dir)
+    try:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(cfg, run_dir / "recipe.yaml")
+    except OSError as err:
+        raise UserError(f"output_dir {run_dir}: cannot write there ({err.strerror or err}: "
+                        f"{err.filename or run_dir}); choose another output_dir") from None
+    removed = ckpt.remove_temporary(run_dir)
+    if removed:
+        print(f"removed {len(removed)} unfinished checkpoint save(s) left by an interrupted run: "
+              + ", ".join(p.name for p in removed))
     return run_dir
 
 
-def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") -> Path:
+def _trim_metrics(run_dir: Path, step: int) -> int:
+    """metrics.jsonl holds each step once: rows past the step a run (re)starts from are dropped, as is a
+    line cut short by a kill. Returns the number of rows dropped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] > step:
+            dropped += 1
+            continue
+        keep.append(line)
+    if dropped:
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    return dropped
+
+
+def _grad_norm(accelerator, params, max_grad_norm: float) -> float:
+    """The global gradient norm (clipped to max_grad_norm when > 0): a non-finite one marks the step."""
+    if max_grad_norm > 0:
+        return float(accelerator.clip_grad_norm_(params, max_grad_norm))
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "RECIPE") -> Path:
+    """Train `cfg`. `resume`: False (a new run), True / "latest" (continue the run in output_dir; an error
+    when it has no checkpoint) or "auto" (continue when there is a checkpoint, start otherwise).
+
+    Raises `Interrupted` (a SystemExit with status 143 / 130) after a SIGTERM / SIGINT stop."""
+    mode = _resume_mode(resume)
     # ---- setup ---------------------------------------------------------------------------
     accelerator = _accelerator(cfg)
     is_main = accelerator.is_main_process
-    run_dir = _prepare_run_dir(cfg, resume, is_main)
+    # Every rank checks, before any barrier, so all of them stop with the message (checked on rank 0
+    # alone, the other ranks crash in the barrier with a "connection closed by peer" traceback).
+    resuming, notes = _plan_run(cfg, mode)
+    run_dir = _on_main(accelerator, lambda: _write_run_dir(cfg)) or Path(cfg.output_dir)
+    if is_main:
+        for line in notes:
+            print(line)
     accelerator.wait_for_everyone()
     torch.manual_seed(cfg.train.seed + accelerator.process_index)
 
@@ -95,6 +390,7 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
     groups = model.setup_trainable(cfg)  # optimizer parameter groups (each may carry its own lr)
     params = [p for group in groups for p in group["params"]]
     model.to(accelerator.device)
+    # The schedule is built over train.max_steps; a resumed run may only change that as _check_schedule allows.
     optimizer, lr_scheduler = build_optimizer(groups, cfg.train)
     objective = build_objective(cfg, model, seed=cfg.train.seed + 1000 * accelerator.process_index)
 
@@ -114,11 +410,22 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
             # action windows have no `prepare` cache yet: each window is encoded once and kept in memory
             encode = EncodedWindows(objective.encode)
 
-    # ---- resume --------------------------------------------------------------------------------
-    step, resumed = 0, None
-    if resume and ckpt.list_checkpoints(run_dir):
-        found = ckpt.list_checkpoints(run_dir)[-1]
-        weights, state, torch_state = ckpt.load_checkpoint(found)
+    # ---- warm start / resume ---------------------------------------------------------------------
+    if cfg.train.init_from and not resuming:  # another run's trained weights, nothing else
+        model.load_trainable_state_dict(cfg, load_warm_start(cfg.train.init_from, method=cfg.train.method))
+        if is_main:
+            print(f"warm start from {cfg.train.init_from} (weights only)")
+    step, resumed, state, found = 0, None, {}, None
+    if resuming:
+        # The newest checkpoint whose files match their checksums; damaged newer ones are set aside.
+        found, (weights, state, torch_state), damaged = ckpt.load_latest_intact(run_dir)
+        if damaged:
+            accelerator.wait_for_everyone()  # every rank has read what it needs before anything moves
+            if is_main:
+                for err in damaged:
+                    moved = ckpt.set_aside(err)
+                    print(f"checkpoint {err.path.name} is damaged ({err.file} {err.problem}); set aside as "
+                          f"{moved.name}, resuming from the previous intact checkpoint {found.name}")
         ranks = torch_state["ranks"]
         if len(ranks) != accelerator.num_processes:
             raise UserError(
@@ -134,7 +441,13 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
         step = state["step"]
         skips.load_state_dict(state.get("skips", {}))
         if is_main:
-            print(f"resuming from {found} (step {step})")
+            done = " (train.max_steps reached: nothing left to train)" if step >= cfg.train.max_steps else ""
+            print(f"resuming from {found} (step {step}){done}")
+    skipped_steps = int(state.get("skipped_steps", 0))  # steps skipped for a non-finite loss / gradient
+    consecutive = int(state.get("nonfinite_consecutive", 0))
+    ema = EMA(params, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    if ema is not None and found is not None and (found / EMA_WEIGHTS).is_file():
+        ema.load_export_state(model, cfg, load_file(str(found / EMA_WEIGHTS)), state.get("ema_updates"))
 
     # The lr scheduler is not prepared: Accelerate would step it once per process.
     forward_module, optimizer = accelerator.prepare(model.transformer, optimizer)
@@ -147,6 +460,7 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
         dataset, sampler=sampler, batch_size=None, num_workers=cfg.data.num_workers,
         pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
         prefetch_factor=4 if cfg.data.num_workers > 0 else None,
+        worker_init_fn=_ignore_stop_signals if cfg.data.num_workers > 0 else None,
     )
     # Sources this rank can ever be given (all when shuffling, a fixed shard otherwise): once all of them
     # proved unusable, stop rather than loop forever.
@@ -158,12 +472,30 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
                            skipped_sources=set(state.get("skipped_sources", [])) if resumed else None)
     if resumed:
         batcher.load_rank_state(resumed["batcher"])
+    if is_main:
+        _trim_metrics(run_dir, step)  # each step once: rows a killed run logged past its last checkpoint go
     metrics = MetricsLogger(run_dir, cfg.logging, json.loads(json.dumps(_plain(cfg))), enabled=is_main)
     evaluator = None
     if is_main and cfg.action is not None and cfg.action.val_episodes > 0 and cfg.action.eval_windows > 0:
         from cosmos_train.trainer.validation import ActionEvaluator
 
         evaluator = ActionEvaluator(cfg, model, data.dataset.windows.normalizer)
+    # held-out loss / samples (README "Seeing the run"), on the main process; bad held-out data fail here
+    validation = build_validation(cfg, model, objective, normalizer=data.dataset.windows.normalizer
+                                  if cfg.action is not None else None) if is_main else None
+    flops_per_token = M.flops_per_token(M.forward_params(
+        model.transformer, is_gen_param if cfg.objective == "generator" else None), cfg.train.method)
+    peak_flops = M.peak_flops(accelerator.device)
+
+    def save(at_step: int) -> Path:
+        _save(accelerator, run_dir, at_step, model, cfg, optimizer, lr_scheduler,
+              rank_state={"objective": objective.state_dict(), "batcher": batcher.rank_state()},
+              json_state={"skips": skips.state_dict(), "skipped_sources": sorted(batcher.skipped_sources),
+                          "skipped_steps": skipped_steps, "nonfinite_consecutive": consecutive,
+                          "schedule_steps": cfg.train.max_steps,
+                          **({"ema_updates": ema.num_updates} if ema is not None else {})},
+              extra_tensors={EMA_WEIGHTS: ema.export_state(model, cfg)} if ema is not None else None)
+        return ckpt.checkpoint_dir(run_dir) / ckpt.step_name(at_step)
 
     # ---- loop ----------------------------------------------------------------------------------
     model.transformer.train()
@@ -171,92 +503,169 @@ def train(cfg: RecipeConfig, resume: bool = False, recipe_path: str = "RECIPE") 
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
     first_loss = None
     accum = cfg.train.grad_accum_steps
-    while step < cfg.train.max_steps:
-        t0 = time.perf_counter()
-        total_loss, modes, data_time, samples, tokens = 0.0, {}, 0.0, 0, 0
-        modality_losses: dict = {}
-        for micro in range(accum):
-            t_data = time.perf_counter()
-            batch = batcher.next()
-            data_time += time.perf_counter() - t_data
-            ctx = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(forward_module)
-            with ctx:
-                loss, info = objective.loss(batch, packed=cfg.train.packing.enabled)
-                accelerator.backward(loss / accum)
-            total_loss += float(loss.detach())
-            samples += len(batch)
-            tokens += MicroBatcher.tokens(batch, objective)
-            for mode, n in info.modes.items():
-                modes[mode] = modes.get(mode, 0) + n
-            for name, value in getattr(info, "modality_losses", {}).items():
-                modality_losses.setdefault(name, []).append(value)
-        grad_norm = None
-        if cfg.train.max_grad_norm > 0:
-            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+    stop = GracefulStop().install()  # SIGTERM / SIGINT: finish this step, save, exit 143 / 130
+    try:
+        while step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            total_loss, modes, data_time, samples, tokens = 0.0, {}, 0.0, 0, 0
+            modality_losses: dict = {}
+            sigmas, sample_losses = [], []
+            for micro in range(accum):
+                t_data = time.perf_counter()
+                batch = batcher.next()
+                data_time += time.perf_counter() - t_data
+                ctx = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(forward_module)
+                with ctx:
+                    loss, info = objective.loss(batch, packed=cfg.train.packing.enabled)
+                    accelerator.backward(loss / accum)
+                total_loss += float(loss.detach())
+                samples += len(batch)
+                tokens += MicroBatcher.tokens(batch, objective)
+                for mode_name, n in info.modes.items():
+                    modes[mode_name] = modes.get(mode_name, 0) + n
+                for name, value in getattr(info, "modality_losses", {}).items():
+                    modality_losses.setdefault(name, []).append(value)
+                sigmas += list(getattr(info, "sigmas", []))
+                sample_losses += list(getattr(info, "sample_losses", []))
+            grad_norm = _grad_norm(accelerator, params, cfg.train.max_grad_norm)
+            mean_loss = total_loss / accum
+            bad_loss, bad_grad, stop_now = not math.isfinite(mean_loss), not math.isfinite(grad_norm), stop.requested
+            if accelerator.num_processes > 1:
+                # One reduction a step: the global batch's loss, and every rank learns whether any rank saw a
+                # non-finite loss / gradient or was asked to stop, so all of them skip / stop at the same step.
+                flags = torch.tensor([mean_loss, bad_loss, bad_grad, stop_now], dtype=torch.float64,
+                                     device=accelerator.device)
+                flags = accelerator.reduce(flags, "sum")
+                mean_loss = float(flags[0]) / accelerator.num_processes
+                bad_loss, bad_grad, stop_now = bool(flags[1] > 0), bool(flags[2] > 0), bool(flags[3] > 0)
+            skip = bad_loss or bad_grad
+            if skip:
+                # No update: gradients dropped, Adam's moments and step count untouched. The lr schedule still
+                # advances (it follows the step count, which counts the data this step consumed).
+                optimizer.zero_grad(set_to_none=True)
+                with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
+                    warnings.simplefilter("ignore")
+                    lr_scheduler.step()
+                skipped_steps += 1
+                consecutive += 1
+            else:
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                consecutive = 0
+                if ema is not None:
+                    ema.update()
+            step += 1
 
-        mean_loss = total_loss / accum
-        if accelerator.num_processes > 1:  # the global batch's loss (and every rank sees a NaN), not rank 0's share
-            mean_loss = float(accelerator.reduce(torch.tensor(mean_loss, device=accelerator.device), "mean"))
-        if not math.isfinite(mean_loss):
-            raise RuntimeError(f"loss is {mean_loss} at step {step}; lower train.lr or check the data")
-        first_loss = mean_loss if first_loss is None else first_loss
-        dt = time.perf_counter() - t0
-        lr = lr_scheduler.get_last_lr()[0]
-        metrics.log(step, {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
-                           "data_time_s": data_time, "samples": samples, "tokens": tokens,
-                           "samples_per_s": samples * accelerator.num_processes / dt,
-                           "tokens_per_s": tokens * accelerator.num_processes / dt, "modes": modes,
-                           **{f"loss_{m}": sum(v) / len(v) for m, v in modality_losses.items()
-                              if len(modality_losses) > 1 or m != "vision"}})
-        if step % cfg.train.log_every == 0 or step == 1:
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", it_s=f"{1 / dt:.1f}")
-        bar.update(1)
-
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
-            if evaluator:
-                values = evaluator()
+            dt = time.perf_counter() - t0
+            lr = lr_scheduler.get_last_lr()[0]
+            if skip:
+                what = "loss" if bad_loss else "gradients"
+                if is_main:
+                    tqdm.write(f"step {step}: non-finite {what} (loss {mean_loss}, grad norm {grad_norm}); skipped "
+                               f"without an update ({consecutive} in a row, {skipped_steps} in all)")
+            else:
+                first_loss = mean_loss if first_loss is None else first_loss
+            metrics.log(step, {"loss": mean_loss if math.isfinite(mean_loss) else None, "lr": lr,
+                               "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "step_time_s": dt,
+                               "data_time_s": data_time, "samples": samples, "tokens": tokens,
+                               "samples_per_s": samples * accelerator.num_processes / dt,
+                               "tokens_per_s": tokens * accelerator.num_processes / dt, "modes": modes,
+                               "skipped_steps": skipped_steps, **({"skipped": what} if skip else {}),
+                               **{f"loss_{m}": sum(v) / len(v) for m, v in modality_losses.items()
+                                  if len(modality_losses) > 1 or m != "vision"},
+                               **(M.sigma_bins(sigmas, sample_losses) if sample_losses and not skip else {}),
+                               "mfu": M.mfu(tokens * accelerator.num_processes / dt, flops_per_token, peak_flops,
+                                            accelerator.num_processes),
+                               "peak_memory_gb": M.peak_memory_gb(accelerator.device),
+                               "data_wait": M.data_wait_fraction(data_time, dt)})
+            if validation is not None and validation.due(step):
+                values, media = validation(step, run_dir)
                 metrics.log(step, values)
-                print("  ".join(f"{k} {v:.4f}" for k, v in values.items()))
-            _save(accelerator, run_dir, step, model, cfg, optimizer, lr_scheduler,
-                  rank_state={"objective": objective.state_dict(), "batcher": batcher.rank_state()},
-                  json_state={"skips": skips.state_dict(), "skipped_sources": sorted(batcher.skipped_sources)})
-    bar.close()
-    metrics.close()
+                metrics.log_media(step, media)
+            if step % cfg.train.log_every == 0 or step == 1:
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", it_s=f"{1 / dt:.1f}")
+            bar.update(1)
+            if consecutive >= cfg.train.max_nonfinite_steps:
+                found = ckpt.list_checkpoints(run_dir)
+                if is_main:
+                    _write_summary(run_dir, step, first_loss, skips, skipped_steps, stopped="max_nonfinite_steps")
+                raise UserError(
+                    f"{consecutive} steps in a row (steps {step - consecutive + 1}-{step}) had a non-finite loss or "
+                    f"gradients and were skipped (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
+                    f"stopping. The weights last changed at step {step - consecutive}"
+                    + (f"; the latest checkpoint is {found[-1]}" if found else "")
+                    + ". Lower train.lr (or raise train.warmup_steps), check the data for damaged samples, or "
+                    "raise train.max_nonfinite_steps")
+
+            saved = False
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+                if evaluator:
+                    values = evaluator()
+                    metrics.log(step, values)
+                    print("  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+                save(step)
+                saved = True
+            if accelerator.num_processes == 1:
+                stop_now = stop.requested  # one process: a signal that came during this step's save counts too
+            if stop_now and step < cfg.train.max_steps:
+                path = save(step) if not saved else ckpt.checkpoint_dir(run_dir) / ckpt.step_name(step)
+                bar.close()
+                if is_main:
+                    _write_summary(run_dir, step, first_loss, skips, skipped_steps, stopped=stop.name)
+                    print(f"cosmos-train: stopped by {stop.name} after step {step} of {cfg.train.max_steps}; "
+                          f"checkpoint {path} saved. Continue with: cosmos-train train {recipe_path} --resume "
+                          f"(exit status {stop.exit_code})", flush=True)
+                raise Interrupted(stop.exit_code)
+    finally:
+        stop.restore()
+        bar.close()
+        metrics.close()
+        batcher.close()  # loader workers ignore SIGTERM: stop them here, whatever ended the loop
 
     # ---- summary -------------------------------------------------------------------------------
     if is_main:
-        summary = {"steps": step, "first_loss": first_loss, "final_checkpoint": str(ckpt.list_checkpoints(run_dir)[-1]),
-                   "skipped": skips.by_reason}
-        (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        _write_summary(run_dir, step, first_loss, skips, skipped_steps)
         if len(batcher.decode_log):
             batcher.decode_log.write(run_dir / "data_log.jsonl")
             print(batcher.decode_log.summary())
         if skips.total:
             print(skips.summary())
+        if skipped_steps:
+            print(f"{skipped_steps} step(s) skipped for a non-finite loss or gradients (see 'skipped' in "
+                  f"{run_dir / 'metrics.jsonl'})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
 
 
+def _write_summary(run_dir: Path, step: int, first_loss, skips, skipped_steps: int,
+                   stopped: str | None = None) -> None:
+    """run_summary.json; `stopped`: why the run ended before train.max_steps (SIGTERM, SIGINT,
+    max_nonfinite_steps), absent when it completed."""
+    found = ckpt.list_checkpoints(run_dir)
+    summary = {"steps": step, "first_loss": first_loss, "final_checkpoint": str(found[-1]) if found else None,
+               "skipped": skips.by_reason, "skipped_steps": skipped_steps}
+    if stopped:
+        summary["stopped"] = stopped
+    (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
+
+
 def _save(accelerator, run_dir, step, model, cfg, optimizer, lr_scheduler, rank_state: dict,
-          json_state: dict) -> None:
+          json_state: dict, extra_tensors: dict | None = None) -> None:
     ranks = [rank_state]
     if accelerator.num_processes > 1:
         ranks = [None] * accelerator.num_processes
         torch.distributed.all_gather_object(ranks, rank_state)
-    if accelerator.is_main_process:
-        ckpt.save_checkpoint(
-            run_dir, step, model.trainable_state_dict(cfg),
-            extra_state={"samples_consumed": [r["batcher"]["consumed"] for r in ranks], "method": cfg.train.method,
-                         **json_state},
-            torch_state={"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                         "ranks": ranks},
-            keep=cfg.train.keep_checkpoints,
-        )
+    # A failed write (full disk) is a UserError on every rank; the earlier checkpoints stay as they were.
+    _on_main(accelerator, lambda: ckpt.save_checkpoint(
+        run_dir, step, model.trainable_state_dict(cfg),
+        extra_state={"samples_consumed": [r["batcher"]["consumed"] for r in ranks], "method": cfg.train.method,
+                     **json_state},
+        torch_state={"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                     "ranks": ranks},
+        keep=cfg.train.keep_checkpoints, extra_tensors=extra_tensors,
+    ))
     accelerator.wait_for_everyone()
 
 
