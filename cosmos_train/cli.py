@@ -68,6 +68,8 @@ def _cmd_export(args) -> None:
         kind = ("LoRA adapters (diffusers; vllm-omni/ for vLLM-Omni)" if args.lora_only else
                 "Cosmos 3 checkpoint (released layout, LoRA merged)" if info["method"] == "lora" else
                 "Cosmos 3 checkpoint (released layout)")
+    if args.ema:
+        kind += ", EMA weights"
     print(f"exported {kind} from {info['checkpoint']} to {args.out_dir} "
           f"(verified: max relative difference {info['verification_max_relative_difference']:.2e}; "
           f"model card: {Path(args.out_dir) / 'README.md'})")
@@ -321,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as err:
-        print(f"cosmos-train: error: {err}", file=sys.stderr)
+        from cosmos_train.errors import BadSampleError
+
+        hint = (" (data.skip_bad_samples=true skips such samples and counts them)"
+                if isinstance(err, BadSampleError) and "skip_bad_samples" not in str(err) else "")
+        print(f"cosmos-train: error: {err}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cosmos-train: interrupted", file=sys.stderr)

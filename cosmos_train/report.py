@@ -128,6 +128,8 @@ class _Plots:
         plt = self.plt
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
         for label, xs, ys, style in series:
+            if len(xs) < 30 and "marker" not in style:  # sparse series (few steps, or a rare sigma bin): show points
+                style = {**style, "marker": ".", "markersize": 6}
             ax.plot(xs, ys, label=label, **style)
         values = [v for _, _, ys, _ in series for v in ys]
         if logy and values and min(values) > 0 and max(values) / min(values) > 20:
@@ -136,8 +138,9 @@ class _Plots:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-        if len(series) > 1:
-            ax.legend(fontsize="small")
+        if len(series) > 1:  # beside the axes, never over a data point
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+            fig.tight_layout()
         self._save(fig, name, title)
 
     def panels(self, name: str, title: str, panels: list[tuple[str, list, list]]) -> None:
@@ -194,7 +197,7 @@ def _plot_all(plots: _Plots, train: list[dict], val: list[dict]) -> None:
                 [("grad norm", *_series(train, "grad_norm"), {"lw": 0.8})], ylabel="norm", logy=True)
     plots.panels("system.png", "utilization", [
         ("MFU", *_series(train, "mfu")), ("peak memory (GiB)", *_series(train, "peak_memory_gb")),
-        ("data wait", *_data_wait(train))])
+        ("data wait (share of step time)", *_data_wait(train))])
 
 
 def _smoothed(rows: list[dict], key: str) -> tuple[list, list]:
@@ -322,8 +325,8 @@ def make_report(run_dir, out_dir=None) -> Path:
     _, loss = _series(train, "loss")
     if loss:
         tail = loss[-max(1, min(10, len(loss) // 10 or 1)):]
-        lines.append(f"- training loss: first {_fmt(loss[0])}, last {_fmt(loss[-1])} "
-                     f"(mean of the last {len(tail)}: {_fmt(sum(tail) / len(tail))}), lowest {_fmt(min(loss))}")
+        mean = f" (mean of the last {len(tail)}: {_fmt(sum(tail) / len(tail))})" if len(tail) > 1 else ""
+        lines.append(f"- training loss: first {_fmt(loss[0])}, last {_fmt(loss[-1])}{mean}, lowest {_fmt(min(loss))}")
     val_steps, val_loss = _series(val, "val_loss")
     if val_loss:
         best = min(range(len(val_loss)), key=lambda i: val_loss[i])

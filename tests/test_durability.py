@@ -162,7 +162,7 @@ def test_nonfinite_steps_are_skipped_counted_and_limited(tiny_dir, tmp_path, mon
     assert rows[1]["loss"] is None and rows[3]["loss"] is not None  # NaN is logged as null
     # the lr schedule follows the step count (warmup keeps rising through the skipped steps)
     assert [m["lr"] for m in rows] == pytest.approx([cfg.train.lr * lr_multiplier(
-        s, warmup_steps=cfg.train.warmup_steps, max_steps=6, schedule=cfg.train.lr_schedule) for s in range(1, 6)])
+        s, warmup_steps=cfg.train.warmup_steps, max_steps=6, schedule=cfg.train.lr_schedule) for s in range(0, 5)])
     state = json.loads((ckpt.checkpoint_dir(run) / ckpt.step_name(4) / ckpt.STATE).read_text())
     assert state["skipped_steps"] == 2 and state["nonfinite_consecutive"] == 1  # a resume keeps counting
     summary = json.loads((run / "run_summary.json").read_text())
@@ -303,8 +303,8 @@ def test_extend_schedule_continues_on_the_longer_schedule(reference, tiny_dir, t
     t = cfg.train
     rows = _metrics(run)
     assert [m["step"] for m in rows] == list(range(1, 7))
-    # (a row's lr is the scheduler's after that step) the old 4-step schedule would have reached 0 here
-    lr = t.lr * lr_multiplier(5, warmup_steps=t.warmup_steps, max_steps=6, schedule=t.lr_schedule)
+    # (a row's lr is the one its step used) the old 4-step schedule would have reached 0 at step 5
+    lr = t.lr * lr_multiplier(4, warmup_steps=t.warmup_steps, max_steps=6, schedule=t.lr_schedule)
     assert lr > 1e-4 and rows[4]["lr"] == pytest.approx(lr)
     assert json.loads((ckpt.checkpoint_dir(run) / ckpt.step_name(6) / ckpt.STATE).read_text())["schedule_steps"] == 6
 

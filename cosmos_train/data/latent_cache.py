@@ -173,6 +173,9 @@ class LatentCacheWriter:
                  "samples": self.entries, "skipped": self.skipped}
         index["checksum"] = _index_digest(index)
         (self.tmp / INDEX).write_text(json.dumps(index, indent=1))
+        from cosmos_train.export.staging import normalize_permissions
+
+        normalize_permissions(self.tmp)  # mkdtemp / safetensors write owner-only: a shared cache_dir needs the umask
         if self.cache_dir.exists():
             shutil.rmtree(self.cache_dir)
         os.replace(self.tmp, self.cache_dir)

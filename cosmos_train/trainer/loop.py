@@ -436,6 +436,12 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
         model.load_trainable_state_dict(cfg, weights)
         optimizer.load_state_dict(torch_state["optimizer"])
         lr_scheduler.load_state_dict(torch_state["lr_scheduler"])
+        # The lr of the next step from THIS run's schedule (train.extend_schedule may have changed its length):
+        # the stored optimizer / scheduler hold the value the old schedule gave it.
+        lrs = [base * fn(lr_scheduler.last_epoch) for base, fn in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        lr_scheduler._last_lr = lrs
         resumed = ranks[accelerator.process_index]
         objective.load_state_dict(resumed["objective"])
         step = state["step"]
@@ -539,6 +545,7 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
                 mean_loss = float(flags[0]) / accelerator.num_processes
                 bad_loss, bad_grad, stop_now = bool(flags[1] > 0), bool(flags[2] > 0), bool(flags[3] > 0)
             skip = bad_loss or bad_grad
+            lr = lr_scheduler.get_last_lr()[0]  # the lr this step's update uses (logged with the step)
             if skip:
                 # No update: gradients dropped, Adam's moments and step count untouched. The lr schedule still
                 # advances (it follows the step count, which counts the data this step consumed).
@@ -558,7 +565,6 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
             step += 1
 
             dt = time.perf_counter() - t0
-            lr = lr_scheduler.get_last_lr()[0]
             if skip:
                 what = "loss" if bad_loss else "gradients"
                 if is_main:
@@ -583,6 +589,9 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
                 values, media = validation(step, run_dir)
                 metrics.log(step, values)
                 metrics.log_media(step, media)
+                tqdm.write(f"step {step} validation: " + "  ".join(
+                    f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float) and k.count("_") <= 1)
+                    + (f"  ({len(media)} samples in {run_dir / 'samples'})" if media else ""))
             if step % cfg.train.log_every == 0 or step == 1:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", it_s=f"{1 / dt:.1f}")
             bar.update(1)
@@ -603,7 +612,8 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
                 if evaluator:
                     values = evaluator()
                     metrics.log(step, values)
-                    print("  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+                    tqdm.write(f"step {step} held-out action error: "
+                               + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
                 save(step)
                 saved = True
             if accelerator.num_processes == 1:
