@@ -149,6 +149,9 @@ def _generate_action(args) -> None:
     if args.action == "inverse_dynamics" and not args.video:
         raise UserError(f"--action inverse_dynamics infers the actions of a clip: give --video (a clip of {chunk + 1} "
                         "frames)")
+    if args.action == "forward_dynamics" and not args.actions:
+        raise UserError(f"--action forward_dynamics rolls out given actions: give --actions (a JSON list of {chunk} "
+                        f"rows of {width} numbers)")
     if args.action != "inverse_dynamics" and not (args.image or args.video):
         raise UserError(f"--action {args.action} starts from a frame: give --image (or --video: its first frame)")
     image = video = actions = None

@@ -40,6 +40,10 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> Path:
 def load_pipeline(pipeline_dir: str | Path, device: str | None = None, lora: str | Path | None = None):
     from diffusers import Cosmos3OmniPipeline
 
+    from cosmos_train.models import TINY, resolve_pretrained
+
+    if str(pipeline_dir) == TINY:  # the built-in tiny checkpoint, as recipes name it
+        pipeline_dir = resolve_pretrained(TINY)
     pipeline_dir = Path(pipeline_dir)
     if not (pipeline_dir / "model_index.json").is_file():
         raise UserError(f"{pipeline_dir} is not a pipeline directory (no model_index.json)")

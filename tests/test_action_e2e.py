@@ -197,3 +197,16 @@ def test_action_generate_refuses_what_it_cannot_do(action_run, tmp_path, capsys)
     card = (root / "export" / "README.md").read_text()
     assert "actions = normalized * scale + center" in card and "first_frame = Image.open" in card
     assert "LeRobot dataset `lerobot_tiny`" in card
+
+
+@pytest.mark.parametrize("recipe,mode", [("action_forward_dynamics.yaml", "forward_dynamics"),
+                                         ("action_inverse_dynamics.yaml", "inverse_dynamics")])
+def test_single_mode_tiny_recipes_train(tiny_dir, tmp_path, recipe, mode):
+    cfg = load_recipe(TINY_RECIPES / recipe, [f"model.pretrained={tiny_dir}", f"output_dir={tmp_path / 'run'}",
+                                              "train.max_steps=1", "train.checkpoint_every=1",
+                                              "train.packing.max_tokens=512", "action.eval_windows=0"])
+    run = train(cfg)
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(row["modes"]) == {mode}
+    # forward dynamics gives the actions (no action loss), inverse dynamics the whole video (no vision loss)
+    assert ("loss_action" in row) == (mode == "inverse_dynamics")
