@@ -330,15 +330,8 @@ def _trim_metrics(run_dir: Path, step: int) -> int:
     if not path.is_file():
         return 0
     keep, dropped = [], 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            dropped += 1
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] > step:
+    for line, row in M.metric_lines(run_dir):
+        if row is None or (isinstance(row.get("step"), (int, float)) and row["step"] > step):
             dropped += 1
             continue
         keep.append(line)

@@ -326,17 +326,20 @@ class MetricsLogger:
         self.trackers.finish()
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of RUN_DIR/metrics.jsonl (a torn, unparseable line is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = []
-    for line in path.read_text().splitlines():
+def metric_lines(run_dir: Path) -> list[tuple[str, dict | None]]:
+    """Each non-empty line of RUN_DIR/metrics.jsonl with its row (None: a torn or unparseable line)."""
+    out = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+            row = None
+        out.append((line, row if isinstance(row, dict) else None))
+    return out
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of RUN_DIR/metrics.jsonl (a torn, unparseable line is skipped)."""
+    return [row for _, row in metric_lines(run_dir) if row is not None]
