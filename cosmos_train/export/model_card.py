@@ -216,7 +216,8 @@ def write_model_card(out: Path, *, kind: str, cfg, recipe: dict, run_dir: Path, 
     lines += ["", "## Load or serve it", "", snippets.strip(), "",
               f"Replace `{repo}` with this directory (or the hub id you publish it under)"
               + (f" and `BASE_MODEL` with the base checkpoint (`{base}`)." if "BASE_MODEL" in snippets else "."), "",
-              "## Recipe", "", "```yaml", yaml.safe_dump(scrub_paths(recipe), sort_keys=False).strip(), "```", ""]
+              "## Recipe", "", "```yaml", yaml.safe_dump(scrub_paths(_relevant(recipe)), sort_keys=False).strip(),
+              "```", ""]
     (Path(out) / "README.md").write_text("\n".join(lines))
 
 
@@ -264,6 +265,23 @@ actions = normalized * scale + center   # de-normalized: the dataset's own units
 ```
 
 """
+
+
+def _relevant(recipe: dict) -> dict:
+    """The recipe without the sections that do not apply to this run (the saved recipe has every default)."""
+    out = dict(recipe)
+    if out.get("objective") == "reasoner":
+        out.pop("generator", None)
+        out.pop("action", None)
+    else:
+        out.pop("reasoner", None)
+    if out.get("action"):  # an action run: clips and modes come from the action section
+        out["generator"] = {k: v for k, v in (out.get("generator") or {}).items() if k != "modes"}
+        out["data"] = {k: v for k, v in (out.get("data") or {}).items()
+                       if k in ("skip_bad_samples", "num_workers", "shuffle", "cache")}
+    elif "action" in out:
+        out.pop("action")
+    return out
 
 
 def _what_trained(cfg) -> str:
