@@ -61,6 +61,15 @@ class LatentSample:
 ACTION_MODES = ("policy", "forward_dynamics", "inverse_dynamics")
 
 
+def sample_seed(seed: int, key) -> int:
+    """A 63-bit generator seed for one draw of one sample: (recipe seed, dataset index, epoch)."""
+    import hashlib
+
+    index, epoch = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
+    digest = hashlib.sha256(f"{seed}:{index}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def action_clean_frames(mode: str, latent_frames: int, chunk: int) -> tuple[list[int], list[int]]:
     """(clean vision latent frames, clean action rows) of an action mode, as `prepare_latents` sets them."""
     if mode == "policy":
@@ -147,6 +156,7 @@ class GeneratorObjective:
         self.model = model
         self.cfg = cfg
         self.shift = shift
+        self.seed = seed
         self.action_cfg = action_cfg  # the recipe's `action:` section (None: not an action run)
         self.domain_id = domain_id  # the embodiment's domain id (action runs)
         self.generator = torch.Generator().manual_seed(seed)
@@ -264,7 +274,12 @@ class GeneratorObjective:
                 action_mode=mode, action_view_point=self.action_cfg.view_point)
         return self._action_ids[key]
 
-    def draw(self, item: LatentSample) -> NoisedSample:
+    def draw(self, item: LatentSample, key=None) -> NoisedSample:
+        """A random draw of `item`. `key` (the sampler's SampleKey): the randomness comes from (seed, key) alone,
+        so a sample is drawn the same whichever rank or accumulation step reads it, and again the same after a
+        resume; without a key, from this objective's running generator."""
+        if key is not None:
+            self.generator = torch.Generator().manual_seed(sample_seed(self.seed, key))
         if item.actions is not None:
             return self.draw_action(item)
         mode = self.choose_mode(item.num_frames)

@@ -118,7 +118,7 @@ class ReasonerObjective:
         )
 
     # ---- 2. draw (no randomness in SFT) ---------------------------------------------------------
-    def draw(self, item: ReasonerItem) -> ReasonerItem:
+    def draw(self, item: ReasonerItem, key=None) -> ReasonerItem:
         return item
 
     def token_count(self, item: ReasonerItem) -> int:

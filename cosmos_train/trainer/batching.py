@@ -18,8 +18,11 @@ from cosmos_train.errors import UserError
 
 class MicroBatcher:
     def __init__(self, stream, encode, objective, cfg, skips, reachable: set[str], consumed: int = 0,
-                 skipped_sources: set[str] | None = None):
+                 skipped_sources: set[str] | None = None, keys=None):
         self.stream, self.encode, self.objective = stream, encode, objective
+        # The sampler's keys in stream order (a DataLoader keeps its sampler's order): each sample's randomness
+        # is drawn from its own key, not from the rank's stream (results independent of the process count).
+        self.keys = keys
         self.cfg, self.skips, self.reachable = cfg, skips, reachable
         self.consumed = consumed
         self.skipped_sources = skipped_sources or set()
@@ -46,6 +49,7 @@ class MicroBatcher:
     def _next_drawn(self):
         while True:
             sample = next(self.stream)
+            key = next(self.keys) if self.keys is not None else None
             self.consumed += 1
             if is_marker(sample):  # a bad sample met by the dataset (in a loader worker or here)
                 if not sample.get("skip", True):
@@ -55,7 +59,8 @@ class MicroBatcher:
                 continue
             if isinstance(sample, dict):
                 self.decode_log.add(sample.get("decode"))
-            return self.objective.draw(self.encode(sample))
+            encoded = self.encode(sample)
+            return self.objective.draw(encoded, key) if key is not None else self.objective.draw(encoded)
 
     def close(self) -> None:
         """Stop the stream's loader workers (when it has any); done before this batcher raises."""

@@ -385,7 +385,9 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
     model.to(accelerator.device)
     # The schedule is built over train.max_steps; a resumed run may only change that as _check_schedule allows.
     optimizer, lr_scheduler = build_optimizer(groups, cfg.train)
-    objective = build_objective(cfg, model, seed=cfg.train.seed + 1000 * accelerator.process_index)
+    # Noise, sigma, mode and dropouts are drawn per sample from (train.seed, its sampler key), not per rank:
+    # N processes and 1 process with N accumulation steps over the same global batch draw the same.
+    objective = build_objective(cfg, model, seed=cfg.train.seed)
 
     # A prepared latent cache replaces decoding and VAE encoding; without one, samples are encoded online.
     cache_index = (open_cache(cfg, data.dataset, local_checkpoint_dir(cfg), recipe_path)
@@ -467,7 +469,7 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
     reachable = {sources[k.index] for k in sampler.epoch_order(0)} if not cfg.data.shuffle else set(sources)
     # Without workers the DataLoader only adds per-sample overhead on the hot path: index directly.
     stream = iter(loader) if cfg.data.num_workers > 0 else (dataset[key] for key in sampler)
-    batcher = MicroBatcher(stream, encode, objective, cfg, skips, reachable,
+    batcher = MicroBatcher(stream, encode, objective, cfg, skips, reachable, keys=iter(sampler),
                            skipped_sources=set(state.get("skipped_sources", [])) if resumed else None)
     if resumed:
         batcher.load_rank_state(resumed["batcher"])
