@@ -214,3 +214,14 @@ def test_bf16_base_with_fp32_trainable_weights_trains_and_exports(tiny_dir, tmp_
     shards = component_weight_map(tmp_path / "export" / "transformer")
     stored = load_file(str(tmp_path / "export" / "transformer" / shards["proj_in.weight"]))
     assert stored["proj_in.weight"].dtype == torch.float32 and info["step"] == 2  # the base's stored precision kept
+
+
+def test_checkpoints_store_pending_sample_keys_not_tensors(tiny_dir, tmp_path):
+    """Samples waiting in the packer at a checkpoint are stored as their sampler keys (draws are keyed, so
+    a resume draws them again identically): no latent / noise tensors in the checkpoint."""
+    cfg = _cfg(tiny_dir, tmp_path / "run", "t2v_lora.yaml", "train.max_steps=2", "train.checkpoint_every=2",
+               "data.cache=off")
+    run = train(cfg)
+    ranks = torch.load(run / "checkpoints" / "step-0000002" / "optimizer.pt", weights_only=True)["ranks"]
+    pending = ranks[0]["batcher"]["pending"]
+    assert pending and all(set(e) == {"order", "length", "key"} for e in pending)

@@ -18,8 +18,12 @@ from cosmos_train.errors import UserError
 
 class MicroBatcher:
     def __init__(self, stream, encode, objective, cfg, skips, reachable: set[str], consumed: int = 0,
-                 skipped_sources: set[str] | None = None, keys=None):
+                 skipped_sources: set[str] | None = None, keys=None, redraw=None):
         self.stream, self.encode, self.objective = stream, encode, objective
+        # redraw(key) -> the same drawn sample again (draws are keyed): checkpoints then store the keys of the
+        # samples waiting in the packer instead of their tensors
+        self.redraw = redraw
+        self._key_of: dict[int, tuple] = {}
         # The sampler's keys in stream order (a DataLoader keeps its sampler's order): each sample's randomness
         # is drawn from its own key, not from the rank's stream (results independent of the process count).
         self.keys = keys
@@ -60,7 +64,11 @@ class MicroBatcher:
             if isinstance(sample, dict):
                 self.decode_log.add(sample.get("decode"))
             encoded = self.encode(sample)
-            return self.objective.draw(encoded, key) if key is not None else self.objective.draw(encoded)
+            if key is None:
+                return self.objective.draw(encoded)
+            item = self.objective.draw(encoded, key)
+            self._key_of[id(item)] = tuple(int(k) for k in key)
+            return item
 
     def close(self) -> None:
         """Stop the stream's loader workers (when it has any); done before this batcher raises."""
@@ -72,21 +80,40 @@ class MicroBatcher:
         while not self.packer.ready():
             item = self._next_drawn()
             self.packer.add(item, self.objective.token_count(item))
-        return self.packer.pop_pack()
+        pack = self.packer.pop_pack()
+        for item in pack or []:
+            self._key_of.pop(id(item), None)
+        return pack
 
     # ---- checkpoint state ------------------------------------------------------------------------
     def rank_state(self) -> dict:
-        """This rank's position: samples consumed and the drawn samples still buffered for packing."""
-        pending = [] if self.packer is None else [
-            {"order": order, "length": length, "item": dataclasses.asdict(item)}
-            for order, item, length in self.packer.pending()]
+        """This rank's position: samples consumed and the samples still buffered for packing, as their sampler
+        keys (re-drawn identically on resume) -- their tensors only when no key is known."""
+        pending = []
+        for order, item, length in ([] if self.packer is None else self.packer.pending()):
+            key = self._key_of.get(id(item)) if self.redraw is not None else None
+            pending.append({"order": order, "length": length, "key": list(key)} if key is not None else
+                           {"order": order, "length": length, "item": dataclasses.asdict(item)})
         return {"consumed": self.consumed, "pending": pending}
 
     def load_rank_state(self, state: dict) -> None:
         self.consumed = state["consumed"]
         if self.packer is not None:
             restore = self.objective.restore_item  # dict (as saved) -> the objective's drawn-sample type
-            self.packer.restore([(e["order"], restore(e["item"]), e["length"]) for e in state["pending"]])
+            entries = []
+            for e in state["pending"]:
+                if "key" in e:
+                    if self.redraw is None:
+                        raise ValueError("a checkpoint with pending sample keys needs a batcher that can redraw")
+                    from cosmos_train.data.buckets import SampleKey
+
+                    key = SampleKey(*e["key"])
+                    item = self.redraw(key)
+                    self._key_of[id(item)] = tuple(e["key"])
+                else:  # older checkpoints stored the drawn tensors
+                    item = restore(e["item"])
+                entries.append((e["order"], item, e["length"]))
+            self.packer.restore(entries)
 
     @staticmethod
     def tokens(batch, objective) -> int:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from cosmos_train.config import RecipeConfig, save_recipe
 from cosmos_train.config.load import recipe_to_yaml
 from cosmos_train.data import MarkBadSamples, SkipCounter
+from cosmos_train.data.dataset import check_marker, is_marker
 from cosmos_train.data.latent_cache import LatentCacheDataset
 from cosmos_train.errors import UserError
 from cosmos_train.models import adapter_class, load_model, local_checkpoint_dir
@@ -469,7 +470,15 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
     reachable = {sources[k.index] for k in sampler.epoch_order(0)} if not cfg.data.shuffle else set(sources)
     # Without workers the DataLoader only adds per-sample overhead on the hot path: index directly.
     stream = iter(loader) if cfg.data.num_workers > 0 else (dataset[key] for key in sampler)
-    batcher = MicroBatcher(stream, encode, objective, cfg, skips, reachable, keys=iter(sampler),
+    def redraw(key):  # a sample waiting in the packer at the checkpoint, drawn again from its key
+        sample = dataset[key]
+        if is_marker(sample):
+            check_marker(sample)  # raises: it was good when drawn, so something changed on disk
+            raise UserError(f"{sample.get('source')}: waiting to be trained at the checkpoint, now unusable "
+                            f"({sample.get('message')})")
+        return objective.draw(encode(sample), key)
+
+    batcher = MicroBatcher(stream, encode, objective, cfg, skips, reachable, keys=iter(sampler), redraw=redraw,
                            skipped_sources=set(state.get("skipped_sources", [])) if resumed else None)
     if resumed:
         batcher.load_rank_state(resumed["batcher"])
