@@ -1,0 +1,19 @@
+"""bench/gpu_train.py (the GPU benchmark of issue #9) runs on CPU with the tiny config and writes its table."""
+
+import importlib.util
+
+from .conftest import REPO
+
+
+def test_gpu_benchmark_runs_on_cpu_with_the_tiny_config(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_train", REPO / "bench" / "gpu_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "table.md"
+    assert bench.main(["--tiny", "--device", "cpu", "--steps", "1", "--frames", "9", "--tiers", "256",
+                       "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| lora") or line.startswith("| full")]
+    assert len(rows) == 8 and not any("failed" in r for r in rows)  # lora/full x grad ckpt on/off x packed on/off
+    packed = [r for r in rows if r.split("|")[5].strip() == "True"]
+    single = [r for r in rows if r.split("|")[5].strip() == "False"]
+    assert all(int(p.split("|")[6]) > int(s.split("|")[6]) for p, s in zip(packed, single))  # two clips per pack
