@@ -383,16 +383,21 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
         model.enable_gradient_checkpointing()
     groups = model.setup_trainable(cfg)  # optimizer parameter groups (each may carry its own lr)
     params = [p for group in groups for p in group["params"]]
+    # A prepared latent cache replaces decoding and VAE encoding; without one, samples are encoded online.
+    cache_index = (open_cache(cfg, data.dataset, local_checkpoint_dir(cfg), recipe_path)
+                   if cfg.objective == "generator" and cfg.action is None else None)
     model.to(accelerator.device)
+    if cache_index is not None and getattr(model, "pipe", None) is not None and accelerator.device.type != "cpu":
+        model.pipe.vae.to("cpu")  # training from the cache never encodes: the VAE stays off the accelerator
+    if accelerator.device.type == "cuda":  # TF32 where fp32 matmuls remain (trainable fp32 modules, heads)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     # The schedule is built over train.max_steps; a resumed run may only change that as _check_schedule allows.
     optimizer, lr_scheduler = build_optimizer(groups, cfg.train)
     # Noise, sigma, mode and dropouts are drawn per sample from (train.seed, its sampler key), not per rank:
     # N processes and 1 process with N accumulation steps over the same global batch draw the same.
     objective = build_objective(cfg, model, seed=cfg.train.seed)
 
-    # A prepared latent cache replaces decoding and VAE encoding; without one, samples are encoded online.
-    cache_index = (open_cache(cfg, data.dataset, local_checkpoint_dir(cfg), recipe_path)
-                   if cfg.objective == "generator" and cfg.action is None else None)
     if cache_index is not None:
         dataset = LatentCacheDataset(cache_location(cfg), cache_index, caption_seed=data.dataset.seed)
         encode = lambda item: item  # noqa: E731

@@ -26,8 +26,15 @@ def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, schedule: str
 
 
 def build_optimizer(params, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    params = list(params)
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    # Fused AdamW on CUDA: one kernel per step and no full-size temporary copy of the weights (the default
+    # multi-tensor path allocates one; ~28 GB for a full Nano finetune).
+    fused = bool(tensors) and all(p.is_cuda and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                                  for p in tensors)
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+        **({"fused": True} if fused else {}),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
