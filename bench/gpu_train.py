@@ -126,7 +126,6 @@ def run_case(model_args, method: str, tier: int, frames: int, checkpointing: boo
               "packed": packed, "tokens": tokens, "step_s": dt, "tokens_per_s": tokens / dt,
               "mfu": M.mfu(tokens / dt, flops, M.peak_flops(torch.device(device))),
               "peak_gb": M.peak_memory_gb(torch.device(device))}
-    del model, optimizer, params
     if cuda:
         torch.cuda.empty_cache()
     return result

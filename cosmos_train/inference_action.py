@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from cosmos_train.errors import UserError
-
-EXPORT_INFO = "cosmos_train_export.json"
+from cosmos_train.inference import EXPORT_INFO
 
 
 def action_record(*dirs) -> dict | None:

@@ -110,6 +110,19 @@ def build_action_data(cfg, skips: SkipCounter | None = None, rank: int = 0, worl
     return ActionData(dataset, sampler, ActionDataInfo(windows.info, skips))
 
 
+def action_record(cfg, normalizer, embodiment, fps: float) -> dict:
+    """What serving an action finetune needs (`inference_action`): embodiment, window, prompt and canvas settings,
+    and the normalization."""
+    return {"embodiment": embodiment.name, "domain_id": embodiment.domain_id,
+            "raw_action_dim": embodiment.raw_action_dim or normalizer.width, "new_embodiment": embodiment.new,
+            "chunk_size": int(cfg.action.chunk_size), "fps": float(fps), "view_point": cfg.action.view_point,
+            "resolution_tier": int(cfg.action.resolution_tier), "action_keys": list(cfg.action.action_keys),
+            "cameras": list(cfg.action.cameras), "normalization": normalizer.to_dict(),
+            # the same map in one line for other tools: raw = normalized * scale + center (per channel)
+            "denormalize": {"scale": [float(v) for v in normalizer.scale],
+                            "center": [float(v) for v in normalizer.center]}}
+
+
 def action_export_record(cfg, run_dir: Path, geometry_fps: float | None = None) -> dict:
     """What an export needs to serve the finetune: the embodiment (registered with diffusers at generate time),
     the action normalization and its statistics, and the window / prompt settings it was trained with."""
@@ -120,19 +133,10 @@ def action_export_record(cfg, run_dir: Path, geometry_fps: float | None = None) 
         raise UserError(f"{run_dir} has no {NORMALIZATION_FILE}: an action run writes it when it starts")
     info_path = Path(run_dir) / "data_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    embodiment = resolve_embodiment(cfg.action)
-    normalization = json.loads(path.read_text())
-    width = embodiment.raw_action_dim or int(info.get("action_width") or 0)
     from cosmos_train.data.action_norm import ActionNormalizer
 
-    normalizer = ActionNormalizer.from_dict(normalization)
-    return {"embodiment": embodiment.name, "domain_id": embodiment.domain_id, "raw_action_dim": width,
-            "new_embodiment": embodiment.new, "chunk_size": int(cfg.action.chunk_size),
-            "fps": float(info.get("fps") or cfg.action.fps or geometry_fps or 0.0),
-            "view_point": cfg.action.view_point, "resolution_tier": int(cfg.action.resolution_tier),
-            "action_keys": list(cfg.action.action_keys), "cameras": list(cfg.action.cameras),
-            "normalization": normalization,
-            # the same map in one line for other tools: raw = normalized * scale + center (per channel)
-            "denormalize": {"scale": [float(v) for v in normalizer.scale], "center": [float(v) for v in normalizer.center]},
+    normalizer = ActionNormalizer.from_dict(json.loads(path.read_text()))
+    fps = float(info.get("fps") or cfg.action.fps or geometry_fps or 0.0)
+    return {**action_record(cfg, normalizer, resolve_embodiment(cfg.action), fps),
             "dataset": {"name": info.get("name"), "codebase_version": info.get("codebase_version"),
                         "episodes": info.get("episodes"), "windows": info.get("windows")}}

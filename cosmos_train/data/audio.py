@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from cosmos_train.data.media import MediaSource, VideoClip, _av_errors, _source_handle
+from cosmos_train.data.media import MediaSource, VideoClip, _av_errors, _source_handle, open_container
 from cosmos_train.errors import BadSampleError
 
 SAMPLE_RATE = 48000
@@ -81,12 +81,7 @@ def _decode(name: str, handle, t_from: float, t_to: float, sample_rate: int, see
 
     if hasattr(handle, "seek"):
         handle.seek(0)
-    try:
-        container = av.open(handle, mode="r")
-    except PermissionError:
-        raise BadSampleError(f"{name}: cannot read the file: permission denied", "unreadable") from None
-    except _av_errors() as e:
-        raise BadSampleError(f"{name}: cannot decode audio ({type(e).__name__}: {e})", "undecodable") from None
+    container = open_container(handle, name, "audio")
     try:
         if not container.streams.audio:
             return None

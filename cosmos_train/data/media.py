@@ -177,17 +177,22 @@ def _av_errors() -> tuple[type[BaseException], ...]:
     return (av.FFmpegError, OSError, ValueError, EOFError, UnicodeDecodeError)
 
 
-def _open_video(src):
-    """-> (name, container) for a path or in-memory media."""
+def open_container(handle, name: str, what: str = "video"):
+    """`av.open` for reading; an unreadable or undecodable file is a `BadSampleError` naming it."""
     import av
 
-    name, handle = _source_handle(src)
     try:
-        container = av.open(handle, mode="r")
+        return av.open(handle, mode="r")
     except PermissionError:
         raise BadSampleError(f"{name}: cannot read the file: permission denied", "unreadable") from None
     except _av_errors() as e:
-        raise BadSampleError(f"{name}: cannot decode video ({type(e).__name__}: {e})", "undecodable") from None
+        raise BadSampleError(f"{name}: cannot decode {what} ({type(e).__name__}: {e})", "undecodable") from None
+
+
+def _open_video(src):
+    """-> (name, container) for a path or in-memory media."""
+    name, handle = _source_handle(src)
+    container = open_container(handle, name, "video")
     if not container.streams.video:
         container.close()
         raise BadSampleError(f"{name}: cannot decode video (no video stream)", "undecodable")

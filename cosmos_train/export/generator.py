@@ -69,7 +69,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
                ema: bool = False) -> dict:
     """Export RUN_DIR's checkpoint (latest, or `step`) to OUT_DIR: the released-layout checkpoint with the
     trained transformer put in (default), or the LoRA adapters (`lora_only`); see the module docstring."""
-    from cosmos_train.config import load_saved_recipe
     from cosmos_train.models.prompt_format import resolve_prompt_format
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)

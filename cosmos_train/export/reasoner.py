@@ -158,18 +158,6 @@ def _verify_generation_pathway(out: Path, source: Path, und: dict[str, torch.Ten
     return checked
 
 
-def _base_directory(cfg, pretrained: str) -> Path:
-    if Path(pretrained).is_dir():
-        return Path(pretrained)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(pretrained, revision=cfg.model.revision,
-                                      local_files_only=cfg.model.local_files_only))
-    except Exception as err:  # offline, unknown or gated repository: all user-fixable
-        raise UserError(f"model.pretrained: could not fetch '{pretrained}': {type(err).__name__}") from None
-
-
 def export_reasoner_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None,
                         form: str = "release", lora_only: bool = False, ema: bool = False) -> dict:
     """Export RUN_DIR's checkpoint (latest, or `step`) to OUT_DIR; see the module docstring.
@@ -197,7 +185,9 @@ def export_reasoner_run(run_dir: str | Path, out_dir: str | Path, *, step: int |
     pretrained = resolve_reasoner_pretrained(cfg.model.pretrained)
     source = None
     if form == "release" and not lora_only:
-        source = _base_directory(cfg, pretrained)
+        from cosmos_train.models import local_checkpoint_dir
+
+        source = local_checkpoint_dir(cfg)
         if not is_release_layout(source):
             raise UserError(f"model.pretrained: {cfg.model.pretrained} is not in the released Cosmos 3 layout (root "
                             "model.safetensors.index.json over transformer/ + vision_encoder/, as nvidia/Cosmos3-Nano); "

@@ -314,14 +314,14 @@ class Cosmos3Generator:
         dtype = self.compute_dtype
         inputs = {}
         for modality in MODALITIES:
-            having = [s for s in samples if s.tokens(modality) is not None]
+            having = [(s, t) for s in samples if (t := s.tokens(modality)) is not None]
             if not having:
                 continue
-            inputs[f"{modality}_tokens"] = [s.tokens(modality).to(device=device, dtype=dtype) for s in having]
+            inputs[f"{modality}_tokens"] = [t.to(device=device, dtype=dtype) for _, t in having]
             counts = [seq_i[f"num_noisy_{modality}_tokens"] for seq_i in seq["sequences"]
                       if f"num_noisy_{modality}_tokens" in seq_i]
             inputs[f"{modality}_timesteps"] = torch.cat(
-                [torch.full((n,), float(s.timestep), device=device) for s, n in zip(having, counts)])
+                [torch.full((n,), float(s.timestep), device=device) for (s, _), n in zip(having, counts)])
         return inputs
 
     def predict(self, batch, packed: bool = False) -> list[dict]:
@@ -348,8 +348,9 @@ class Cosmos3Generator:
                 preds = module(**transformer_kwargs(seq), **self._modality_inputs(group, seq, device),
                                return_dict=False)
             iters = {m: iter(p) if p is not None else iter(()) for m, p in zip(MODALITIES, preds)}
-            for s in group:
-                out.append({m: (next(iters[m]) if s.tokens(m) is not None else None) for m in MODALITIES})
+            for s in group:  # each modality's predictions come in the order of the samples that have it
+                out.append({m: (next(iters[m]) if m == "vision" or getattr(s, f"{m}_x0") is not None else None)
+                            for m in MODALITIES})
         return out
 
     # ---- packed forward: several samples in one transformer call --------------------------

@@ -163,7 +163,7 @@ class GeneratorObjective:
         # what the exporter records and `generate` reproduces
         self.prompt_format: PromptFormat = resolve_prompt_format(cfg, model.default_use_system_prompt)
         self._tokenize = lru_cache(maxsize=4096)(self._tokenize_uncached)
-        self._action_ids: dict = {}
+        self._tokenize_action = lru_cache(maxsize=4096)(self._tokenize_action_uncached)
 
     def _tokenize_uncached(self, caption, num_frames, height, width, fps, templates_on):
         """(cond ids, uncond ids) of a template form, both from the pipeline's own `tokenize_prompt`."""
@@ -266,13 +266,10 @@ class GeneratorObjective:
             action_clean=action_clean, action_width=width, domain_id=item.domain_id,
         )
 
-    def _tokenize_action(self, task, num_frames, height, width, fps, mode):
-        key = ("action", task, num_frames, height, width, float(fps), mode)
-        if key not in self._action_ids:
-            self._action_ids[key] = self.model.tokenize(
-                task, num_frames, height, width, float(fps), self.prompt_format.use_system_prompt,
-                action_mode=mode, action_view_point=self.action_cfg.view_point)
-        return self._action_ids[key]
+    def _tokenize_action_uncached(self, task, num_frames, height, width, fps, mode):
+        """(cond ids, uncond ids) of the pipeline's action JSON prompt (templates do not apply to it)."""
+        return self.model.tokenize(task, num_frames, height, width, float(fps), self.prompt_format.use_system_prompt,
+                                   action_mode=mode, action_view_point=self.action_cfg.view_point)
 
     def draw(self, item: LatentSample, key=None) -> NoisedSample:
         """A random draw of `item`. `key` (the sampler's SampleKey): the randomness comes from (seed, key) alone,

@@ -40,14 +40,6 @@ import torch
 from cosmos_train.errors import BadSampleError, UserError
 
 
-def action_record_for(cfg, normalizer, embodiment, fps: float) -> dict:
-    """The export's `action` record, for a model still in training."""
-    return {"embodiment": embodiment.name, "domain_id": embodiment.domain_id,
-            "raw_action_dim": normalizer.width, "chunk_size": int(cfg.action.chunk_size), "fps": float(fps),
-            "view_point": cfg.action.view_point, "resolution_tier": int(cfg.action.resolution_tier),
-            "normalization": normalizer.to_dict()}
-
-
 class ActionEvaluator:
     """`action.eval_windows` held-out windows (spread evenly over the val split), sampled with
     `action.eval_steps` denoising steps and no CFG, one fixed seed per window."""
@@ -62,7 +54,9 @@ class ActionEvaluator:
                                         skip_bad_samples=cfg.data.skip_bad_samples)
         n = min(int(cfg.action.eval_windows), len(self.val))
         self.indices = sorted({int(i) for i in np.linspace(0, len(self.val) - 1, n)}) if n else []
-        self.record = action_record_for(cfg, normalizer, model.embodiment(cfg), self.val.fps)
+        from cosmos_train.data.action_data import action_record
+
+        self.record = action_record(cfg, normalizer, model.embodiment(cfg), self.val.fps)
         self.modes = [m for m in self.MODES if getattr(cfg.action.modes, m) > 0]
 
     def __bool__(self) -> bool:
