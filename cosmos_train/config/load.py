@@ -168,6 +168,8 @@ def _resolve_paths(cfg: S.RecipeConfig, recipe_dir: Path) -> None:
     cfg.model.pretrained = resolve(cfg.model.pretrained)
     if cfg.action is not None:
         cfg.action.dataset = resolve(cfg.action.dataset)
+    if cfg.train.distributed.deepspeed_config:
+        cfg.train.distributed.deepspeed_config = resolve(cfg.train.distributed.deepspeed_config)
     _resolve_seeing_paths(cfg, resolve)
 
 
@@ -300,6 +302,15 @@ def validate(cfg: S.RecipeConfig, where: str = "recipe") -> None:
     _check(t.max_nonfinite_steps >= 1, where, "train.max_nonfinite_steps",
            "must be >= 1 (1: stop at the first non-finite step)", t.max_nonfinite_steps)
     _check(t.device in ("auto", "cpu", "cuda"), where, "train.device", "auto, cpu or cuda", t.device)
+    d = t.distributed
+    _check(d.backend in S.DISTRIBUTED_BACKENDS, where, "train.distributed.backend",
+           f"one of {', '.join(S.DISTRIBUTED_BACKENDS)}", d.backend)
+    _check(not d.offload_optimizer or d.backend in ("zero2", "zero3"), where, "train.distributed.offload_optimizer",
+           "only with backend zero2 or zero3", d.offload_optimizer)
+    _check(not d.offload_params or d.backend == "zero3", where, "train.distributed.offload_params",
+           "only with backend zero3", d.offload_params)
+    _check(not d.deepspeed_config or d.backend in ("zero2", "zero3"), where, "train.distributed.deepspeed_config",
+           "only with backend zero2 or zero3", d.deepspeed_config)
     _check(cfg.logging.wandb_mode in ("offline", "online"), where, "logging.wandb_mode", "offline or online",
            cfg.logging.wandb_mode)
     validate_seeing(cfg, where)

@@ -161,9 +161,24 @@ class PackingConfig:
     lookahead: int = 32  # samples buffered to choose pack members from (best fit)
 
 
+DISTRIBUTED_BACKENDS = ("ddp", "fsdp2", "zero2", "zero3")
+
+
+@dataclass
+class DistributedConfig:
+    """How trained weights, gradients and optimizer state are spread over the processes (README "Scale-out").
+    Chosen here, in the recipe; torchrun / accelerate launch / srun only start the processes."""
+    backend: str = "ddp"  # ddp | fsdp2 | zero2 | zero3 (DeepSpeed ZeRO stage 2 / 3)
+    offload_optimizer: bool = False  # zero2 / zero3: optimizer state and its update in CPU memory
+    offload_params: bool = False  # zero3: parameters in CPU memory between uses
+    reshard_after_forward: bool = True  # fsdp2: free a layer's gathered weights after its forward
+    deepspeed_config: Optional[str] = None  # zero2 / zero3: a DeepSpeed JSON merged over the generated config
+
+
 @dataclass
 class TrainConfig:
     method: str = "lora"  # lora | full
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
     full_trainable: str = "gen"  # full finetuning: gen pathway (+ heads, time embedder) or all
