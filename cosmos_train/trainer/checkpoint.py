@@ -2,7 +2,9 @@
 place, so a crash mid-write never leaves a half checkpoint where `latest` would find it; the sha256 of
 every file is recorded at write time and checked at read time, so a damaged one is named, never used.
 
-Layout: RUN_DIR/checkpoints/step-000100/{trainable.safetensors, optimizer.pt, state.json, checksums.json}
+Layout: RUN_DIR/checkpoints/step-000100/{trainable.safetensors, optimizer.pt, state.json, checksums.json}, plus
+optimizer/ on sharded back-ends (fsdp2, zero2, zero3): the optimizer state, one part written by each rank into the
+staged directory (`stage`) before rank 0 finishes and renames it.
 `checksums.json` is written last (before the rename); checkpoints written before it existed load unchecked.
 Weights are safetensors; optimizer/RNG state is loaded with `weights_only=True` (no unpickling).
 """
@@ -107,28 +109,44 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], extra_state: dict,
-                    torch_state: dict, keep: int, extra_tensors: dict[str, dict] | None = None) -> Path:
-    """Write step `step` atomically; an OSError (full disk, permissions) is a UserError naming the path, and
-    the checkpoints already there are left as they were."""
+def stage(run_dir: Path, step: int) -> Path:
+    """The temporary directory a save of `step` is written into (renamed into place by save_checkpoint)."""
     root = checkpoint_dir(run_dir)
-    final = root / step_name(step)
-    tmp = None
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{step_name(step)}.", dir=root))
+        return Path(tempfile.mkdtemp(prefix=f".{step_name(step)}.", dir=root))
+    except OSError as err:
+        raise UserError(f"could not write checkpoint {root / step_name(step)}: {_write_problem(err, root)}. Free "
+                        "space or fix the permissions, then continue with `train ... --resume`") from None
+
+
+def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], extra_state: dict,
+                    torch_state: dict, keep: int, extra_tensors: dict[str, dict] | None = None,
+                    staged: Path | None = None) -> Path:
+    """Write step `step` atomically; an OSError (full disk, permissions) is a UserError naming the path, and
+    the checkpoints already there are left as they were. `staged`: a directory from `stage` that already holds
+    the parts every rank wrote."""
+    root = checkpoint_dir(run_dir)
+    final = root / step_name(step)
+    tmp = staged
+    try:
+        if tmp is None:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{step_name(step)}.", dir=root))
         save_file(weights, str(tmp / WEIGHTS))
         for name, tensors in (extra_tensors or {}).items():  # e.g. ema.safetensors: checksummed like the rest
             save_file(tensors, str(tmp / name))
         torch.save(torch_state, tmp / OPTIMIZER)
         (tmp / STATE).write_text(json.dumps({"step": step, **extra_state}, indent=2))
-        files = sorted(f for f in tmp.iterdir() if f.is_file())
-        sums = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+        files = sorted(f for f in tmp.rglob("*") if f.is_file())
+        sums = {f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
         (tmp / CHECKSUMS).write_text(json.dumps({"format": 1, "algorithm": "sha256", "files": sums}, indent=2))
         normalize_permissions(tmp)  # safetensors writes 0600: others who read the run should read this too
-        for f in tmp.iterdir():
+        for f in [*files, tmp / CHECKSUMS]:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        for d in [p for p in tmp.rglob("*") if p.is_dir()]:
+            _fsync_dir(d)
         aside = None
         if final.exists():  # the same step written again (a resumed run passing a damaged one's step)
             aside = root / f"{TEMP_PREFIX}{step:07d}.old"

@@ -11,10 +11,10 @@ checkpoint and exit 143 / 130; a step with a non-finite loss or gradient is skip
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -35,6 +35,7 @@ from cosmos_train.errors import UserError
 from cosmos_train.models import adapter_class, load_model, local_checkpoint_dir
 from cosmos_train.objectives import build_objective
 from cosmos_train.trainer import checkpoint as ckpt
+from cosmos_train.trainer.backends import SHARDED_OPTIMIZER, check_supported, make_backend
 from cosmos_train.trainer.batching import MicroBatcher
 from cosmos_train.trainer.inputs import build_data, cache_location, open_cache
 from cosmos_train.trainer import metrics as M
@@ -42,7 +43,7 @@ from cosmos_train.trainer.adapters import is_gen_param
 from cosmos_train.trainer.ema import EMA, EMA_WEIGHTS, load_warm_start
 from cosmos_train.trainer.metrics import MetricsLogger
 from cosmos_train.trainer.validation import build_validation
-from cosmos_train.trainer.optim import build_optimizer, lr_multiplier
+from cosmos_train.trainer.optim import lr_multiplier
 
 # Recipe keys a resumed run must share with the run it continues: they set the learning-rate schedule, the
 # data order (and the noise drawn for it) or the shape of the trained weights. train.max_steps is handled
@@ -343,14 +344,6 @@ def _trim_metrics(run_dir: Path, step: int) -> int:
     return dropped
 
 
-def _grad_norm(accelerator, params, max_grad_norm: float) -> float:
-    """The global gradient norm (clipped to max_grad_norm when > 0): a non-finite one marks the step."""
-    if max_grad_norm > 0:
-        return float(accelerator.clip_grad_norm_(params, max_grad_norm))
-    grads = [p.grad for p in params if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-
-
 def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "RECIPE") -> Path:
     """Train `cfg`. `resume`: False (a new run), True / "latest" (continue the run in output_dir; an error
     when it has no checkpoint) or "auto" (continue when there is a checkpoint, start otherwise).
@@ -358,7 +351,9 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
     Raises `Interrupted` (a SystemExit with status 143 / 130) after a SIGTERM / SIGINT stop."""
     mode = _resume_mode(resume)
     # ---- setup ---------------------------------------------------------------------------
+    check_supported(cfg)
     accelerator = _accelerator(cfg)
+    backend = make_backend(cfg, accelerator)  # ddp | fsdp2 | zero2 | zero3 (train.distributed.backend)
     is_main = accelerator.is_main_process
     # Every rank checks, before any barrier, so all of them stop with the message (checked on rank 0
     # alone, the other ranks crash in the barrier with a "connection closed by peer" traceback).
@@ -386,14 +381,11 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
     # A prepared latent cache replaces decoding and VAE encoding; without one, samples are encoded online.
     cache_index = (open_cache(cfg, data.dataset, local_checkpoint_dir(cfg), recipe_path)
                    if cfg.objective == "generator" and cfg.action is None else None)
-    model.to(accelerator.device)
-    if cache_index is not None and getattr(model, "pipe", None) is not None and accelerator.device.type != "cpu":
-        model.pipe.vae.to("cpu")  # training from the cache never encodes: the VAE stays off the accelerator
+    # only what training uses goes to the accelerator (no decoder, no unused lm_head; the encoder only online)
+    model.place_for_training(accelerator.device, encodes_online=cache_index is None)
     if accelerator.device.type == "cuda":  # TF32 where fp32 matmuls remain (trainable fp32 modules, heads)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # The schedule is built over train.max_steps; a resumed run may only change that as _check_schedule allows.
-    optimizer, lr_scheduler = build_optimizer(groups, cfg.train)
     # Noise, sigma, mode and dropouts are drawn per sample from (train.seed, its sampler key), not per rank:
     # N processes and 1 process with N accumulation steps over the same global batch draw the same.
     objective = build_objective(cfg, model, seed=cfg.train.seed)
@@ -434,15 +426,7 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
                 f"{accelerator.num_processes}: resume with the same number of processes (the data position and "
                 "noise RNG are stored per rank)"
             )
-        model.load_trainable_state_dict(cfg, weights)
-        optimizer.load_state_dict(torch_state["optimizer"])
-        lr_scheduler.load_state_dict(torch_state["lr_scheduler"])
-        # The lr of the next step from THIS run's schedule (train.extend_schedule may have changed its length):
-        # the stored optimizer / scheduler hold the value the old schedule gave it.
-        lrs = [base * fn(lr_scheduler.last_epoch) for base, fn in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas)]
-        for group, lr in zip(optimizer.param_groups, lrs):
-            group["lr"] = lr
-        lr_scheduler._last_lr = lrs
+        model.load_trainable_state_dict(cfg, weights)  # before the back-end wraps (and maybe shards) them
         resumed = ranks[accelerator.process_index]
         objective.load_state_dict(resumed["objective"])
         step = state["step"]
@@ -456,9 +440,18 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
     if ema is not None and found is not None and (found / EMA_WEIGHTS).is_file():
         ema.load_export_state(model, cfg, load_file(str(found / EMA_WEIGHTS)), state.get("ema_updates"))
 
-    # The lr scheduler is not prepared: Accelerate would step it once per process.
-    forward_module, optimizer = accelerator.prepare(model.transformer, optimizer)
-    model.forward_module = forward_module
+    # The back-end wraps the transformer and builds the optimizer over what it trains; the schedule is built over
+    # train.max_steps (a resumed run may only change that as _check_schedule allows).
+    optimizer, lr_scheduler = backend.prepare(model, groups)
+    if resuming:
+        backend.load_optimizer(found, torch_state)
+        lr_scheduler.load_state_dict(torch_state["lr_scheduler"])
+        # The lr of the next step from THIS run's schedule (train.extend_schedule may have changed its length):
+        # the stored optimizer / scheduler hold the value the old schedule gave it.
+        lrs = [base * fn(lr_scheduler.last_epoch) for base, fn in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        lr_scheduler._last_lr = lrs
     if cfg.train.packing.enabled:
         model.install_packed_attention()
     sampler = data.sampler
@@ -503,7 +496,7 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
     peak_flops = M.peak_flops(accelerator.device)
 
     def save(at_step: int) -> Path:
-        _save(accelerator, run_dir, at_step, model, cfg, optimizer, lr_scheduler,
+        _save(accelerator, backend, run_dir, at_step, model, cfg, lr_scheduler,
               rank_state={"objective": objective.state_dict(), "batcher": batcher.rank_state()},
               json_state={"skips": skips.state_dict(), "skipped_sources": sorted(batcher.skipped_sources),
                           "skipped_steps": skipped_steps, "nonfinite_consecutive": consecutive,
@@ -529,10 +522,9 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
                 t_data = time.perf_counter()
                 batch = batcher.next()
                 data_time += time.perf_counter() - t_data
-                ctx = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(forward_module)
-                with ctx:
+                with backend.accumulating(last_micro=micro == accum - 1):
                     loss, info = objective.loss(batch, packed=cfg.train.packing.enabled)
-                    accelerator.backward(loss / accum)
+                    backend.backward(loss / accum)
                 total_loss += float(loss.detach())
                 samples += len(batch)
                 tokens += MicroBatcher.tokens(batch, objective)
@@ -542,7 +534,7 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
                     modality_losses.setdefault(name, []).append(value)
                 sigmas += list(getattr(info, "sigmas", []))
                 sample_losses += list(getattr(info, "sample_losses", []))
-            grad_norm = _grad_norm(accelerator, params, cfg.train.max_grad_norm)
+            grad_norm = backend.grad_norm(params, cfg.train.max_grad_norm)
             mean_loss = total_loss / accum
             bad_loss, bad_grad, stop_now = not math.isfinite(mean_loss), not math.isfinite(grad_norm), stop.requested
             if accelerator.num_processes > 1:
@@ -558,16 +550,15 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
             if skip:
                 # No update: gradients dropped, Adam's moments and step count untouched. The lr schedule still
                 # advances (it follows the step count, which counts the data this step consumed).
-                optimizer.zero_grad(set_to_none=True)
+                backend.skip()
                 with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
                     warnings.simplefilter("ignore")
                     lr_scheduler.step()
                 skipped_steps += 1
                 consecutive += 1
             else:
-                optimizer.step()
+                backend.step()
                 lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 consecutive = 0
                 if ema is not None:
                     ema.update()
@@ -670,20 +661,47 @@ def _write_summary(run_dir: Path, step: int, first_loss, skips, skipped_steps: i
     (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def _save(accelerator, run_dir, step, model, cfg, optimizer, lr_scheduler, rank_state: dict,
+def _broadcast(accelerator, value):
+    if accelerator.num_processes > 1:
+        shared = [value]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        value = shared[0]
+    return value
+
+
+def _save(accelerator, backend, run_dir, step, model, cfg, lr_scheduler, rank_state: dict,
           json_state: dict, extra_tensors: dict | None = None) -> None:
     ranks = [rank_state]
     if accelerator.num_processes > 1:
         ranks = [None] * accelerator.num_processes
         torch.distributed.all_gather_object(ranks, rank_state)
+    weights = backend.trainable_state_dict(model, cfg)  # every rank (gathered when sharded); the main one keeps them
+    staged = None
+    if backend.sharded:  # every rank writes its part of the optimizer state into one staged directory
+        staged = _broadcast(accelerator, _on_main(accelerator, lambda: str(ckpt.stage(run_dir, step))))
+        try:
+            backend.save_optimizer(Path(staged) / SHARDED_OPTIMIZER)
+            failed = None
+        except Exception as err:  # noqa: BLE001 -- torch.distributed.checkpoint raises CheckpointException
+            failed = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        failures = [failed]
+        if accelerator.num_processes > 1:  # a rank that failed tells the others: all of them stop cleanly
+            failures = [None] * accelerator.num_processes
+            torch.distributed.all_gather_object(failures, failed)
+        failed = next((f for f in failures if f), None)
+        if failed is not None:
+            if accelerator.is_main_process:
+                shutil.rmtree(staged, ignore_errors=True)
+            raise UserError(f"could not write the optimizer state of checkpoint step {step} in "
+                            f"{ckpt.checkpoint_dir(run_dir)} ({failed}); the earlier checkpoints are intact")
     # A failed write (full disk) is a UserError on every rank; the earlier checkpoints stay as they were.
     _on_main(accelerator, lambda: ckpt.save_checkpoint(
-        run_dir, step, model.trainable_state_dict(cfg),
+        run_dir, step, weights,
         extra_state={"samples_consumed": [r["batcher"]["consumed"] for r in ranks], "method": cfg.train.method,
-                     **json_state},
-        torch_state={"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                     "backend": backend.name, "num_processes": accelerator.num_processes, **json_state},
+        torch_state={"optimizer": backend.optimizer_state(), "lr_scheduler": lr_scheduler.state_dict(),
                      "ranks": ranks},
-        keep=cfg.train.keep_checkpoints, extra_tensors=extra_tensors,
+        keep=cfg.train.keep_checkpoints, extra_tensors=extra_tensors, staged=Path(staged) if staged else None,
     ))
     accelerator.wait_for_everyone()
 

@@ -1,0 +1,253 @@
+"""Distributed back-ends: how the trained weights, their gradients and the optimizer state are spread over the
+processes (recipe `train.distributed.backend`). The loop only talks to `Backend`:
+
+    backend = make_backend(cfg, accelerator)
+    optimizer, scheduler = backend.prepare(model, groups)   # wraps model.transformer, builds the optimizer
+    with backend.accumulating(last_micro): backend.backward(loss)
+    norm = backend.grad_norm(params, max_norm); backend.step() / backend.skip()
+    backend.save_optimizer(dir) / backend.load_optimizer(dir, torch_state)   # checkpoints
+
+- ddp: Accelerate's DDP (one full replica per process; optimizer state saved by rank 0 in optimizer.pt).
+- fsdp2: torch's `fully_shard` per decoder layer; parameters, gradients and optimizer state sharded; bf16 compute
+  over fp32 master weights with fp32 gradient reduction. The optimizer state is saved sharded with
+  torch.distributed.checkpoint (every rank writes its shard; loading re-shards to any process count).
+- zero2 / zero3: DeepSpeed (trainer/deepspeed_backend.py).
+
+Accelerate's own FSDP / DeepSpeed plugins are not used: they take their settings from `accelerate config` / its
+environment rather than the recipe, and do not size CPU (gloo) runs right, which the tests need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from cosmos_train.errors import UserError
+from cosmos_train.trainer.optim import build_optimizer
+
+SHARDED_OPTIMIZER = "optimizer"  # checkpoint subdirectory of a sharded optimizer state (fsdp2, zero2, zero3)
+
+
+def make_backend(cfg, accelerator) -> "Backend":
+    name = cfg.train.distributed.backend
+    if name == "ddp":
+        return DDPBackend(cfg, accelerator)
+    if name == "fsdp2":
+        return FSDP2Backend(cfg, accelerator)
+    from cosmos_train.trainer.deepspeed_backend import DeepSpeedBackend
+
+    return DeepSpeedBackend(cfg, accelerator)
+
+
+def check_supported(cfg) -> None:
+    """Features that run a model forward on rank 0 alone (held-out evaluation, EMA of the trainable weights)
+    cannot run on a sharded model yet: refused up front, naming the keys."""
+    backend = cfg.train.distributed.backend
+    if backend == "ddp":
+        return
+    clashes = []
+    if cfg.train.ema_decay:
+        clashes.append("train.ema_decay")
+    if cfg.validation.every:
+        clashes.append("validation.every")
+    if cfg.action is not None and cfg.action.val_episodes > 0 and cfg.action.eval_windows > 0:
+        clashes.append("action.eval_windows (with action.val_episodes > 0)")
+    if clashes:
+        raise UserError(f"train.distributed.backend={backend}: {', '.join(clashes)} need(s) the ddp back-end for "
+                        f"now (they run the model on one process); set them to 0 / null, or use backend=ddp")
+
+
+class Backend:
+    name = "ddp"
+    sharded = False  # True: the optimizer state is written by every rank, into SHARDED_OPTIMIZER/
+
+    def __init__(self, cfg, accelerator):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.module = self.optimizer = None
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    def prepare(self, model, groups: list[dict]):
+        """Wrap model.transformer (setting model.forward_module) and build the optimizer and lr schedule over the
+        trained parameters -> (optimizer, lr_scheduler). The schedule is not prepared by Accelerate: it would step
+        it once per process."""
+        raise NotImplementedError
+
+    def accumulating(self, last_micro: bool):
+        """Context of one micro-step's forward and backward: gradients are only reduced across processes on the
+        last micro-step of an optimizer step."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def grad_norm(self, params: list, max_grad_norm: float) -> float:
+        """The global gradient norm (clipped to max_grad_norm when > 0): a non-finite one marks the step."""
+        raise NotImplementedError
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def skip(self) -> None:
+        """No update this step: gradients dropped, the optimizer's moments and step count untouched."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def full_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A trained tensor as a whole (a collective on sharded back-ends: every rank calls it, in the same order)."""
+        return tensor
+
+    def trainable_state_dict(self, model, cfg) -> dict:
+        """The trained weights, whole, on the main process (an empty dict elsewhere): every rank calls it."""
+        state = model.trainable_state_dict(cfg)
+        return state if self.accelerator.is_main_process else {}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def optimizer_state(self) -> dict | None:
+        """The optimizer state to store in optimizer.pt (replicated back-ends), None when saved sharded."""
+        return self.optimizer.state_dict()
+
+    def save_optimizer(self, directory: Path) -> None:
+        """Sharded back-ends: every rank writes its part of the optimizer state under `directory`."""
+
+    def load_optimizer(self, checkpoint: Path, torch_state: dict) -> None:
+        self.optimizer.load_state_dict(torch_state["optimizer"])
+
+
+class DDPBackend(Backend):
+    def prepare(self, model, groups):
+        from cosmos_train.models import adapter_class
+
+        optimizer, scheduler = build_optimizer(groups, self.cfg.train)
+        self.module, self.optimizer = self.accelerator.prepare(model.transformer, optimizer)
+        model.forward_module = self.module
+        self._find_unused = adapter_class(self.cfg).ddp_find_unused_parameters(self.cfg)
+        return self.optimizer, scheduler
+
+    def accumulating(self, last_micro):
+        return contextlib.nullcontext() if last_micro else self.accelerator.no_sync(self.module)
+
+    def backward(self, loss):
+        self.accelerator.backward(loss)
+
+    def grad_norm(self, params, max_grad_norm):
+        if max_grad_norm > 0:
+            return float(self.accelerator.clip_grad_norm_(params, max_grad_norm))
+        grads = [p.grad for p in params if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """Sharding needs a process group even for one process (a plain `python` / `cosmos-train train` run):
+    start a one-rank group on a free local port when the launcher did not."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def rebuild_groups(groups: list[dict], before: dict[int, str], module: torch.nn.Module) -> list[dict]:
+    """Optimizer groups over the parameters a wrapper put in place of the originals (matched by name)."""
+    now = dict(module.named_parameters())
+    return [{**g, "params": [now[before[id(p)]] for p in g["params"]]} for g in groups]
+
+
+class FSDP2Backend(Backend):
+    name = "fsdp2"
+    sharded = True
+
+    def prepare(self, model, groups):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device = self.accelerator.device
+        ensure_process_group(device)
+        transformer = model.transformer
+        names = {id(p): n for n, p in transformer.named_parameters()}
+        # Each rank initialized its own LoRA / new head rows; fully_shard keeps each rank's local values (DDP
+        # broadcasts rank 0's): start every rank from rank 0's trained weights.
+        if torch.distributed.get_world_size() > 1:
+            with torch.no_grad():
+                for group in groups:
+                    for param in group["params"]:
+                        torch.distributed.broadcast(param.data, src=0)  # on the device already
+        # bf16 compute over fp32 master weights: trained fp32 parameters are gathered as the base's dtype, their
+        # gradients reduced in fp32; an fp32 base computes in fp32.
+        base = model.compute_dtype
+        policy = MixedPrecisionPolicy(param_dtype=base if base != torch.float32 else None, reduce_dtype=torch.float32)
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+        reshard = self.cfg.train.distributed.reshard_after_forward
+        for layer in transformer.layers:  # one all-gather / reduce-scatter unit per decoder layer
+            fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(transformer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        self.module = transformer
+        model.forward_module = transformer
+        self.optimizer, scheduler = build_optimizer(rebuild_groups(groups, names, transformer), self.cfg.train)
+        return self.optimizer, scheduler
+
+    def accumulating(self, last_micro):
+        # gradients stay unsharded and local until the last micro-step, then one reduce-scatter
+        self.module.set_requires_gradient_sync(last_micro)
+        return contextlib.nullcontext()
+
+    def grad_norm(self, params, max_grad_norm):
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        return float(self.full_tensor(norm))
+
+    def full_tensor(self, tensor):
+        from torch.distributed.tensor import DTensor
+
+        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+    def trainable_state_dict(self, model, cfg):
+        # gathered tensor by tensor; only the main process keeps them
+        keep = self.accelerator.is_main_process
+        state = {}
+        for key, value in model.trainable_state_dict(cfg).items():
+            whole = self.full_tensor(value).detach()
+            if keep:
+                state[key] = whole.cpu().contiguous()
+        return state
+
+    def optimizer_state(self):
+        return None
+
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return {"optimizer": get_optimizer_state_dict(self.module, self.optimizer)}
+
+    def save_optimizer(self, directory):
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(), checkpoint_id=str(directory))
+
+    def load_optimizer(self, checkpoint, torch_state):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        directory = Path(checkpoint) / SHARDED_OPTIMIZER
+        if not directory.is_dir():
+            raise UserError(f"{checkpoint} has no sharded optimizer state ({SHARDED_OPTIMIZER}/): it was written by "
+                            f"another back-end; resume with the run's train.distributed.backend")
+        state = self._state()  # the layout to read into; dcp re-shards the saved tensors to this process count
+        dcp.load(state, checkpoint_id=str(directory))
+        set_optimizer_state_dict(self.module, self.optimizer, optim_state_dict=state["optimizer"])
