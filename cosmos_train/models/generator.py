@@ -230,6 +230,51 @@ class Cosmos3Generator:
             self.pipe.sound_tokenizer.to(device)
         return self
 
+    # ---- what sits on the accelerator while training (models/placement.py) ------------------------
+    def training_placement(self, *, encodes_online: bool) -> dict[str, bool]:
+        """Each part's place while training: True = the accelerator, False = CPU.
+
+        - the transformer, except `lm_head` while it is frozen: `Cosmos3OmniTransformer.forward` never calls it
+          (the velocity heads are proj_out / audio_proj_out / action_proj_out) and neither does the pipeline.
+          A recipe that makes it trainable (`train.full_trainable: all`) keeps it with the trained weights: fused
+          AdamW and the distributed wrappers need every trained parameter on the device (it gets no gradient).
+        - the VAE encoder (+ quant_conv) and the sound tokenizer's encoder only when clips are encoded online
+          (no latent cache); their decoders never: only validation sampling decodes (`media_on_device`)."""
+        lm_head_trains = any(p.requires_grad for p in self.transformer.lm_head.parameters())
+        plan = {"transformer": True, "transformer.lm_head": lm_head_trains,
+                "vae.encoder": encodes_online, "vae.quant_conv": encodes_online,
+                "vae.decoder": False, "vae.post_quant_conv": False}
+        if getattr(self.pipe, "sound_tokenizer", None) is not None:
+            plan.update({"sound_tokenizer.encoder": encodes_online, "sound_tokenizer.decoder": False})
+        return plan
+
+    def _part(self, name: str):
+        obj = self.pipe
+        for attr in name.split("."):
+            obj = getattr(obj, attr, None)
+        return obj
+
+    def place_for_training(self, device, *, encodes_online: bool) -> "Cosmos3Generator":
+        """Carry out `training_placement` on `device`; a frozen lm_head is parked (out of the transformer's module
+        tree, on the CPU) so that wrapping the transformer for training cannot move it to the device."""
+        from cosmos_train.models.placement import apply_plan, park
+
+        plan = self.training_placement(encodes_online=encodes_online)
+        if not plan.pop("transformer.lm_head"):
+            park(self.transformer, "lm_head").to("cpu")
+        apply_plan(plan, self._part, device)
+        return self
+
+    def media_on_device(self):
+        """Context: the whole VAE and sound tokenizer on the transformer's device, each back where it was after
+        (validation encodes held-out clips and samples with the pipeline, which encodes i2v images and decodes)."""
+        from cosmos_train.models.placement import brought_to
+
+        device = next(self.transformer.parameters()).device
+        components = [self.pipe.vae, getattr(self.pipe, "sound_tokenizer", None)]
+        # per child: the encoder and decoder may sit on different devices and each goes back to its own
+        return brought_to([child for c in components if c is not None for child in c.children()], device)
+
     @torch.no_grad()
     def encode_sound(self, waveform: torch.Tensor) -> torch.Tensor:
         """A clip's [2, n] 48 kHz waveform -> its sound latent [sound_dim, T] (one clip at a time: the tokenizer

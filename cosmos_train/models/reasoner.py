@@ -312,6 +312,11 @@ class Cosmos3Reasoner:
         self.model.to(device)
         return self
 
+    def place_for_training(self, device, *, encodes_online: bool = True) -> "Cosmos3Reasoner":
+        """Everything goes to the device: the next-token loss needs lm_head, and the vision tower encodes every
+        image / video of a pack (the processor's pixels are not cached)."""
+        return self.to(device)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

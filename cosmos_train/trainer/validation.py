@@ -75,19 +75,20 @@ class ActionEvaluator:
         use_system_prompt = self.cfg.generator.use_system_prompt
         errors: dict = {m: [] for m in self.modes}
         try:
-            for seed, index in enumerate(self.indices):
-                window = self.val[index]
-                if window is None:
-                    continue
-                frames = ((window.pixels.permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).numpy()  # [T, H, W, 3]
-                raw = window.raw_actions.numpy()
-                for mode in self.modes:
-                    condition = ({"image": Image.fromarray((frames[0] * 255).round().astype(np.uint8))}
-                                 if mode == "policy" else {"video": frames})
-                    _, predicted = generate_action(pipe, self.record, mode, window.task, **condition,
-                                                   steps=int(self.cfg.action.eval_steps), guidance=1.0, seed=seed,
-                                                   use_system_prompt=use_system_prompt)
-                    errors[mode].append(float(np.abs(np.asarray(predicted) - raw).mean()))
+            with _media_on_device(self.model):  # the pipeline encodes the conditioning and decodes
+                for seed, index in enumerate(self.indices):
+                    window = self.val[index]
+                    if window is None:
+                        continue
+                    frames = ((window.pixels.permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).numpy()  # [T, H, W, 3]
+                    raw = window.raw_actions.numpy()
+                    for mode in self.modes:
+                        condition = ({"image": Image.fromarray((frames[0] * 255).round().astype(np.uint8))}
+                                     if mode == "policy" else {"video": frames})
+                        _, predicted = generate_action(pipe, self.record, mode, window.task, **condition,
+                                                       steps=int(self.cfg.action.eval_steps), guidance=1.0, seed=seed,
+                                                       use_system_prompt=use_system_prompt)
+                        errors[mode].append(float(np.abs(np.asarray(predicted) - raw).mean()))
         finally:
             pipe.transformer.train(was_training)
         return {f"val_action_mae_{m}": float(np.mean(v)) for m, v in errors.items() if v}
@@ -147,6 +148,13 @@ def evaluating(model):
         finally:
             module.train(was_training)
             model.forward_module = wrapper
+
+
+def _media_on_device(model):
+    """The VAE / sound tokenizer on the model's device for the block: training keeps their decoders (and, with a
+    latent cache, their encoders) on the CPU (`Cosmos3Generator.place_for_training`)."""
+    bring = getattr(model, "media_on_device", None)
+    return bring() if bring is not None else contextlib.nullcontext()
 
 
 def _most_likely(probabilities: dict) -> str:
@@ -216,7 +224,8 @@ class GeneratorValidator:
 
     def _encode_all(self, load, keys) -> None:
         skip_bad = self.cfg.data.skip_bad_samples
-        with torch.no_grad():
+        # the encoder stays on the CPU while training from the latent cache: brought over for this
+        with torch.no_grad(), _media_on_device(self.model):
             for key in keys:
                 try:
                     sample = load(key)
@@ -347,7 +356,7 @@ class GeneratorValidator:
         height, width = self.sample_size
         fps = float(self.cfg.data.fps)
         paths, records = [], []
-        with evaluating(self.model):
+        with evaluating(self.model), _media_on_device(self.model):  # decoding (and i2v encoding) on the device
             for i, prompt in enumerate(self.prompts):
                 image = None
                 if self.images[i] is not None:
