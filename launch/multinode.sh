@@ -7,12 +7,13 @@
 # MASTER_ADDR: host name or IP of node 0, reachable from every node; MASTER_PORT: a free TCP port
 # there (default 29500); NNODES / NODE_RANK default to SLURM_NNODES / SLURM_NODEID under srun.
 # NPROC_PER_NODE defaults to the GPUs in CUDA_VISIBLE_DEVICES, else the GPUs nvidia-smi lists, else 1.
-# output_dir must be on a filesystem every node sees: rank 0 writes the checkpoints and --resume
-# reads them on every node. Use the same recipe, overrides and code on all nodes.
+# output_dir must be on a filesystem every node sees: rank 0 writes the checkpoints (with fsdp2 /
+# zero2 / zero3 every rank writes its shard) and --resume reads them on every node. Use the same recipe, overrides and code on all nodes. The back-end is the
+# recipe's train.distributed (launch/README.md), e.g. ... launch/multinode.sh RECIPE 8 train.distributed.backend=fsdp2
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,11s/^# \{0,1\}//p' "$0"
+    sed -n '2,13s/^# \{0,1\}//p' "$0"
     exit 2
 fi
 : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
@@ -29,6 +30,8 @@ shift
 source "$(dirname "$0")/_common.sh"
 nproc_from_args "$@"
 shift "$SHIFT"
+# The trainer compares this with the processes that really joined the run (cosmos_train/trainer/launch_check.py).
+export COSMOS_TRAIN_EXPECTED_PROCESSES=$((NPROC * NNODES))
 
 # Static rendezvous (torchrun's default backend): node NODE_RANK gets global ranks
 # NODE_RANK*NPROC .. NODE_RANK*NPROC+NPROC-1, and global rank 0 (on node 0) hosts the store.

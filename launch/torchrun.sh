@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Train a recipe with several processes on one machine (DDP through torchrun + Accelerate).
+# Train a recipe with several processes on one machine (torchrun; the recipe's train.distributed picks
+# the back-end: ddp, the default, fsdp2, zero2 or zero3 -- see launch/README.md).
 #
 #   launch/torchrun.sh RECIPE [NPROC] [key.path=value ...] [--resume]
 #
-#   launch/torchrun.sh recipes/nano/generator_lora_480p.yaml            # one process per GPU
-#   launch/torchrun.sh recipes/tiny/t2v_lora.yaml 2 train.max_steps=20   # 2 CPU processes (gloo)
+#   launch/torchrun.sh recipes/nano/generator_lora_480p.yaml            # one process per GPU (DDP)
+#   launch/torchrun.sh recipes/nano/generator_full_480p.yaml 8 train.distributed.backend=zero3
+#   launch/torchrun.sh recipes/tiny/t2v_lora.yaml 2 train.max_steps=20 train.device=cpu  # 2 CPU processes (gloo)
 #
 # NPROC defaults to the GPUs in CUDA_VISIBLE_DEVICES, else the GPUs nvidia-smi lists, else 1.
 # Each process takes train.batch_size samples per micro-step, so the global batch is
@@ -14,7 +16,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,13s/^# \{0,1\}//p' "$0"
+    sed -n '2,15s/^# \{0,1\}//p' "$0"
     exit 2
 fi
 recipe=$1
@@ -23,6 +25,8 @@ shift
 source "$(dirname "$0")/_common.sh"
 nproc_from_args "$@"
 shift "$SHIFT"
+# The trainer compares this with the processes that really joined the run (cosmos_train/trainer/launch_check.py).
+export COSMOS_TRAIN_EXPECTED_PROCESSES=$NPROC
 
 # shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of flags
 exec "${LAUNCHER[@]}" --standalone --nproc_per_node="$NPROC" ${TORCHRUN_ARGS:-} \
