@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 from cosmos_train.data import (
+    resize_frames,
+    to_model_pixels,
     GeneratorDataset,
     ManifestRecord,
     SkipCounter,
@@ -61,8 +63,8 @@ def index_frames(n: int = N_INDEX_FRAMES, h: int = 32, w: int = 48) -> list[np.n
 
 
 def decoded_indices(pixels: torch.Tensor) -> list[int]:
-    """Recover the source frame index of each frame of a [3, T, H, W] tensor from its brightness."""
-    gray = (pixels.mean(dim=(0, 2, 3)) + 1.0) * 127.5
+    """Recover the source frame index of each frame of a [3, T, H, W] tensor (uint8 or [-1, 1]) from its brightness."""
+    gray = (to_model_pixels(pixels).mean(dim=(0, 2, 3)) + 1.0) * 127.5
     return [int(round((g - BASE) / STEP)) for g in gray.tolist()]
 
 
@@ -512,10 +514,11 @@ def test_bundled_manifest_loads_and_every_sample_decodes():
             s = ds[i]
             t = 1 if recs[i].is_image else n
             assert s["pixels"].shape == (3, t, 32, 48), s["source"]
-            assert s["pixels"].min() >= -1 and s["pixels"].max() <= 1
+            assert s["pixels"].dtype == torch.uint8  # decoded frames cross the DataLoader as uint8
             assert s["fps"] == 24.0 and len(s["caption"].split()) >= 8
             if t > 1:  # something moves
-                assert (s["pixels"][:, :1] - s["pixels"]).abs().amax(dim=(0, 2, 3)).max() > 0.5, s["source"]
+                px = to_model_pixels(s["pixels"])
+                assert (px[:, :1] - px).abs().amax(dim=(0, 2, 3)).max() > 0.5, s["source"]
 
 
 def test_make_samples_is_reproducible(tmp_path):
@@ -535,3 +538,43 @@ def test_make_samples_is_reproducible(tmp_path):
 def _raw_frames(path: Path) -> np.ndarray:
     with av.open(str(path)) as c:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+# ---- uint8 frames through the DataLoader, floats made at encode time (issue #9) --------------------------------
+
+
+def test_uint8_frames_are_the_pipelines_pixels_bit_for_bit():
+    """`to_model_pixels(resize_frames(x))` is exactly diffusers' `_preprocess_conditioning_image` output, for down- and
+    up-scaling, odd sizes and crops (the uint8 frames lose nothing of what the model was given before)."""
+    fn = _diffusers_preprocess()
+    gen = torch.Generator().manual_seed(0)
+    for (h, w), (out_h, out_w) in [((37, 53), (16, 24)), ((20, 30), (64, 48)), ((48, 48), (33, 47)), ((9, 200), (8, 8))]:
+        frames = torch.randint(0, 256, (3, h, w, 3), generator=gen, dtype=torch.uint8)
+        small = resize_frames(frames, out_h, out_w)
+        assert small.dtype == torch.uint8 and small.shape == (3, 3, out_h, out_w)
+        ref = torch.cat([fn(f.permute(2, 0, 1), height=out_h, width=out_w) for f in frames]).permute(1, 0, 2, 3)
+        assert torch.equal(to_model_pixels(small), ref)
+        assert torch.equal(to_model_pixels(ref), ref)  # float pixels pass through
+
+
+def test_dataset_uint8_samples_encode_to_the_previous_latents(tiny_dir):
+    """A video and an image sample: the dataset's uint8 frames, turned into floats inside `encode_pixels`, give the
+    same VAE latent, bit for bit, as the float pixels the pipeline's function makes from the decoded frames."""
+    from cosmos_train.models.generator import Cosmos3Generator
+
+    model = Cosmos3Generator.from_pretrained(str(tiny_dir), load_transformer=False)
+    fn = _diffusers_preprocess()
+    recs = read_manifest(SAMPLES / "manifest.jsonl")
+    video, image = next(r for r in recs if not r.is_image), next(r for r in recs if r.is_image)
+    ds = GeneratorDataset([video, image], 5, 32, 48)
+    for index, rec in enumerate((video, image)):
+        sample = ds[index]
+        assert sample["pixels"].dtype == torch.uint8
+        if rec.is_image:
+            raw = [np.asarray(Image.open(rec.path).convert("RGB"))]
+        else:
+            with av.open(str(rec.path)) as c:
+                decoded = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+            raw = [decoded[i] for i in load_video_clip(rec.path, 5, 32, 48, fps=rec.fps).frame_indices]
+        old = torch.cat([fn(Image.fromarray(f), height=32, width=48) for f in raw]).permute(1, 0, 2, 3)
+        assert torch.equal(model.encode_pixels(sample["pixels"]), model.encode_pixels(old)), rec.source

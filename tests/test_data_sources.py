@@ -37,7 +37,7 @@ from cosmos_train.data import (
     read_hf_dataset,
     read_manifest,
 )
-from cosmos_train.data.media import load_image_info
+from cosmos_train.data.media import load_image_info, to_model_pixels
 from cosmos_train.errors import BadSampleError, UserError
 
 BASE, STEP = 10, 6  # gray level of frame i = BASE + STEP * i
@@ -58,7 +58,7 @@ def write_clip(path: Path, n: int, fps: int = 24, h: int = 32, w: int = 48) -> P
 
 
 def indices_of(pixels: torch.Tensor) -> list[int]:
-    gray = (pixels.mean(dim=(0, 2, 3)) + 1.0) * 127.5
+    gray = (to_model_pixels(pixels).mean(dim=(0, 2, 3)) + 1.0) * 127.5
     return [int(round((g - BASE) / STEP)) for g in gray.tolist()]
 
 

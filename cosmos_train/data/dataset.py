@@ -36,10 +36,11 @@ def _short_name(rec: ManifestRecord) -> str:
 class GeneratorDataset(Dataset):
     """Map-style dataset of ``{"pixels", "caption", "fps", "source", "is_image", "decode"}`` dicts.
 
-    - ``pixels``: float32 [3, T, H, W] in [-1, 1]; videos give ``T = num_frames`` frames sampled
-      from the record's window (``[start_frame, end_frame)`` or ``[start_time, end_time)``) at the
-      record's ``fps`` (nearest source frame) or, without one, at the dataset's ``fps`` (the
-      recipe's ``data.fps``), or else consecutive frames at the file's own rate. Images give
+    - ``pixels``: uint8 [3, T, H, W] (0..255: a quarter of float32's bytes through the DataLoader; the encode
+      step makes the model's [-1, 1] floats on the device, `media.to_model_pixels`); videos give
+      ``T = num_frames`` frames sampled from the record's window (``[start_frame, end_frame)`` or
+      ``[start_time, end_time)``) at the record's ``fps`` (nearest source frame) or, without one, at the
+      dataset's ``fps`` (the recipe's ``data.fps``), or else consecutive frames at the file's own rate. Images give
       ``T = 1``. ``(H, W)`` is ``sizes[index]`` (aspect buckets) or the fixed ``(height, width)``.
     - ``caption``: `caption_for(record, epoch, seed)`; the epoch comes from the key (see below).
     - ``fps``: frame rate of the returned frames (record fps, else the file's rate; for images the
@@ -149,7 +150,7 @@ class GeneratorDataset(Dataset):
                           else {"start_frame": rec.start_frame or 0, "end_frame": rec.end_frame})
                 clip = load_video_clip(media, self.num_frames, height, width, fps=rec.fps or self.fps,
                                        short_clips=self.short_clips, **window)
-                pixels, fps = clip.pixels, clip.fps
+                pixels, fps = clip.frames, clip.fps
                 decode = self._video_entry(index, rec, clip)
                 if self.sound != "off":
                     from cosmos_train.data.audio import load_clip_audio

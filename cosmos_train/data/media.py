@@ -6,6 +6,11 @@ Every frame goes through diffusers' own ``_preprocess_conditioning_image`` (the 
 with ``round()`` offsets, then ``round().clamp(0, 255) / 127.5 - 1``. So training pixels match
 what inference feeds the model, bit for bit.
 
+Decoded frames are kept as the uint8 values that function rounds to (`resize_frames`, `VideoClip.frames`,
+`load_image_info`): the training dataset hands uint8 through the DataLoader (a quarter of float32's bytes) and
+`to_model_pixels` (``x / 127.5 - 1``: the same float32 operations on the same integers) makes the model's
+[-1, 1] floats on the device, inside the encode step. `load_video` / `load_image` return those floats.
+
 Frame sampling (videos): the clip is read from ``start_frame`` (inclusive) to ``end_frame``
 (exclusive, default: end of file). Without a target ``fps`` (or one equal to the file's rate)
 ``num_frames`` consecutive frames are taken. With a different target ``fps`` frame ``k`` is the
@@ -100,8 +105,20 @@ def _preprocess():
     return _preprocess_fn
 
 
-def preprocess_frames(frames: np.ndarray | torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 RGB frames [T, h, w, 3] -> float32 [3, T, height, width] in [-1, 1] (cover + centre crop)."""
+def to_model_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [3, T, H, W] (0..255) -> float32 in [-1, 1] as `_preprocess_conditioning_image` ends: ``x / 127.5 - 1``
+    in float32 (the same operations on the same integer values, so bit for bit its output). Float input is taken
+    as already in [-1, 1] and returned unchanged. Call it where the pixels are used (on the device)."""
+    if pixels.is_floating_point():
+        return pixels
+    if pixels.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 or float pixels, got {pixels.dtype}")
+    return pixels.to(torch.float32) / 127.5 - 1.0
+
+
+def resize_frames(frames: np.ndarray | torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 RGB frames [T, h, w, 3] -> uint8 [3, T, height, width] (cover + centre crop), exactly the integers
+    diffusers' function rounds to before it normalizes."""
     if isinstance(frames, np.ndarray):
         frames = np.ascontiguousarray(frames)
         if not frames.flags.writeable:  # e.g. np.asarray(PIL image)
@@ -110,8 +127,16 @@ def preprocess_frames(frames: np.ndarray | torch.Tensor, height: int, width: int
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
         raise ValueError(f"expected uint8 frames [T, h, w, 3], got {frames.dtype} {tuple(frames.shape)}")
     fn = _preprocess()
-    out = [fn(f.permute(2, 0, 1), height=height, width=width) for f in frames]  # each [1, 3, H, W]
+    # diffusers' output is round().clamp(0, 255) / 127.5 - 1: mapped back, its integers are recovered exactly (the
+    # float error is ~1e-5, far from 0.5), so nothing of the reference function is re-implemented
+    out = [((fn(f.permute(2, 0, 1), height=height, width=width) + 1.0) * 127.5).round().to(torch.uint8)
+           for f in frames]  # each [1, 3, H, W]
     return torch.cat(out, dim=0).permute(1, 0, 2, 3).contiguous()
+
+
+def preprocess_frames(frames: np.ndarray | torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 RGB frames [T, h, w, 3] -> float32 [3, T, height, width] in [-1, 1] (cover + centre crop)."""
+    return to_model_pixels(resize_frames(frames, height, width))
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +148,7 @@ def preprocess_frames(frames: np.ndarray | torch.Tensor, height: int, width: int
 class VideoClip:
     """What `load_video_clip` returns: the pixels and exactly how they were sampled."""
 
-    pixels: torch.Tensor  # float32 [3, T, H, W] in [-1, 1]
+    frames: torch.Tensor  # uint8 [3, T, H, W] (`pixels`: the model's float32 in [-1, 1])
     source_fps: float  # the file's frame rate
     fps: float  # rate of the returned frames (the target fps, or source_fps when not resampled)
     frame_indices: list[int]  # source frame index of each returned frame
@@ -134,6 +159,11 @@ class VideoClip:
     valid_frames: int = 0  # sampled frames inside the window (< len(frame_indices) when looped/padded)
     short_fill: str | None = None  # "loop" or "pad" when the window was too short, else None
     source_size: tuple[int, int] = (0, 0)  # the file's (height, width)
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        """float32 [3, T, H, W] in [-1, 1], as the model takes them."""
+        return to_model_pixels(self.frames)
 
 
 def _check_file(path: Path) -> None:
@@ -357,10 +387,8 @@ def load_video_clip(
             indices = valid + [valid[-1]] * (num_frames - len(valid))
     if resampled:
         logger.debug("%s: %s", path, how)
-    frames = np.stack([decoded[i] for i in indices])
-    pixels = preprocess_frames(frames, height, width)
     return VideoClip(
-        pixels=pixels,
+        frames=resize_frames(np.stack([decoded[i] for i in indices]), height, width),
         source_fps=source_fps,
         fps=float(fps) if resampled else source_fps,
         frame_indices=indices,
@@ -479,7 +507,7 @@ def _open_image(src):
 
 
 def load_image_info(src: MediaSource, height: int, width: int) -> tuple[torch.Tensor, tuple[int, int], str]:
-    """(pixels [3, 1, H, W] in [-1, 1], the image's own (height, width), its pixel mode)."""
+    """(uint8 frames [3, 1, H, W], the image's own (height, width), its pixel mode)."""
     name, img = _open_image(src)
     with img:
         mode, size = img.mode, (img.height, img.width)
@@ -488,7 +516,7 @@ def load_image_info(src: MediaSource, height: int, width: int) -> tuple[torch.Te
         except (OSError, ValueError, EOFError) as e:
             raise BadSampleError(f"{name}: cannot convert image mode {mode!r} to RGB ({type(e).__name__}: {e})",
                                  "bad_image_mode") from None
-    return preprocess_frames(arr[None], height, width), size, mode
+    return resize_frames(arr[None], height, width), size, mode
 
 
 def probe_image(src: MediaSource) -> tuple[int, int]:
@@ -513,4 +541,4 @@ def probe_image(src: MediaSource) -> tuple[int, int]:
 def load_image(path: MediaSource, height: int, width: int) -> torch.Tensor:
     """Image file -> float32 [3, 1, H, W] in [-1, 1] (cover + centre crop, as inference does).
     Multi-frame images (animated GIF/WebP, multi-page TIFF) use their first frame."""
-    return load_image_info(path, height, width)[0]
+    return to_model_pixels(load_image_info(path, height, width)[0])

@@ -305,11 +305,14 @@ class Cosmos3Generator:
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[3, T, H, W] or [B, 3, T, H, W] in [-1, 1] -> normalized latent [B, C, T', H', W'] (pipeline's encoder)."""
+        """[3, T, H, W] or [B, 3, T, H, W], uint8 (0..255) or float in [-1, 1] -> normalized latent [B, C, T', H', W']
+        (pipeline's encoder). uint8 frames go to the device as they are and become floats there."""
+        from cosmos_train.data.media import to_model_pixels
+
         if pixels.ndim == 4:
             pixels = pixels.unsqueeze(0)
         device = next(self.vae.parameters()).device
-        return self.pipe._encode_video(pixels.to(device)).float()
+        return self.pipe._encode_video(to_model_pixels(pixels.to(device))).float()
 
     @torch.no_grad()
     def encode_action_clip(self, pixels: torch.Tensor, resolution_tier: int) -> tuple[torch.Tensor, int, int]:

@@ -183,8 +183,8 @@ class GeneratorObjective:
 
     # ---- 1. encode (deterministic, cacheable) -------------------------------------------------
     def encode(self, sample) -> LatentSample:
-        """`sample`: {"pixels": [3, T, H, W] in [-1, 1], "caption": str, "fps": float[, "source": str]}, or an
-        action window (`data.lerobot.ActionWindow`)."""
+        """`sample`: {"pixels": [3, T, H, W] uint8 (or float in [-1, 1]), "caption": str, "fps": float[, "source":
+        str]}, or an action window (`data.lerobot.ActionWindow`)."""
         if not isinstance(sample, dict):
             return self.encode_action(sample)
         pixels = sample["pixels"]
