@@ -12,8 +12,9 @@ processor: flex attention on CUDA), it times optimizer steps (after warm-up) of 
 tokens/s, step time, MFU (model FLOPs from the config: 6 x gen-pathway parameters per token for full
 finetuning, 4 x for LoRA, attention not counted; `trainer.metrics`) and peak memory. The table is printed and
 written to --out (default bench/gpu_results.md) with the date and device. Targets (issue #9, one H100-class
-GPU): LoRA at 480p MFU >= 40 %, peak memory <= 45 GB with the bf16 base. The quantized-base rows of the issue
-are not here yet (no int8 base in the trainer).
+GPU): LoRA at 480p MFU >= 40 %, peak memory <= 45 GB with the bf16 base. `lora-int8` rows are LoRA over an int8
+weight-only frozen base (`model.quantize_base: int8`, cosmos_train/models/quantize.py): same adapters, same
+FLOPs counted as LoRA.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,7 +87,14 @@ def run_case(model_args, method: str, tier: int, frames: int, checkpointing: boo
     from cosmos_train.trainer.adapters import is_gen_param, setup_trainable
     from cosmos_train.trainer.optim import build_optimizer
 
+    quantize = method.split("-")[1] if "-" in method else None  # lora-int8: LoRA over an int8 base
+    method = method.split("-")[0]
     model = build_transformer(*model_args)
+    if quantize:
+        from cosmos_train.models.quantize import quantize_frozen_base
+
+        quantize_frozen_base(model, quantize, device)
+        warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")  # PEFT: no merge wanted here
     params = setup_trainable(model, train_cfg(method))
     optimizer, _ = build_optimizer(params, train_cfg(method))
     if checkpointing:
@@ -122,8 +131,8 @@ def run_case(model_args, method: str, tier: int, frames: int, checkpointing: boo
         torch.cuda.synchronize()
     dt = (time.perf_counter() - start) / steps
     flops = M.flops_per_token(M.forward_params(model, is_gen_param), method)
-    result = {"method": method, "tier": f"{tier}p", "frames": frames, "checkpointing": checkpointing,
-              "packed": packed, "tokens": tokens, "step_s": dt, "tokens_per_s": tokens / dt,
+    result = {"method": f"{method}-{quantize}" if quantize else method, "tier": f"{tier}p", "frames": frames,
+              "checkpointing": checkpointing, "packed": packed, "tokens": tokens, "step_s": dt, "tokens_per_s": tokens / dt,
               "mfu": M.mfu(tokens / dt, flops, M.peak_flops(torch.device(device))),
               "peak_gb": M.peak_memory_gb(torch.device(device))}
     if cuda:
@@ -163,7 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case (after one warm-up step)")
     parser.add_argument("--frames", type=int, default=93)
     parser.add_argument("--tiers", default="256,480")
-    parser.add_argument("--methods", default="lora,full")
+    parser.add_argument("--methods", default="lora,lora-int8,full")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "gpu_results.md"))
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32

@@ -302,6 +302,17 @@ def validate(cfg: S.RecipeConfig, where: str = "recipe") -> None:
     _check(t.max_nonfinite_steps >= 1, where, "train.max_nonfinite_steps",
            "must be >= 1 (1: stop at the first non-finite step)", t.max_nonfinite_steps)
     _check(t.device in ("auto", "cpu", "cuda"), where, "train.device", "auto, cpu or cuda", t.device)
+    quantize = cfg.model.quantize_base
+    _check(quantize in ("none", "int8", "fp8"), where, "model.quantize_base", "none, int8 or fp8", quantize)
+    if quantize != "none":
+        _check(t.method == "lora", where, "model.quantize_base",
+               "int8 / fp8 only with train.method=lora: the quantized base stays frozen", quantize)
+        _check(cfg.objective == "generator", where, "model.quantize_base",
+               "int8 / fp8 only for objective: generator; the reasoner trains over its unquantized base", quantize)
+        _check(t.distributed.backend == "ddp", where, "model.quantize_base",
+               "int8 / fp8 only with train.distributed.backend=ddp (one GPU, or DDP)", quantize)
+        _check(quantize != "fp8" or t.device != "cpu", where, "model.quantize_base",
+               "fp8 needs a GPU with float8 support (compute capability 8.9+); on the CPU use int8", quantize)
     d = t.distributed
     _check(d.backend in S.DISTRIBUTED_BACKENDS, where, "train.distributed.backend",
            f"one of {', '.join(S.DISTRIBUTED_BACKENDS)}", d.backend)

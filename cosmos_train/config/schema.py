@@ -40,6 +40,9 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     local_files_only: bool = False
+    # none | int8 | fp8: LoRA over a quantized frozen base (torchao weight-only; fp8 needs a GPU with float8
+    # support). Training only: exports merge into the unquantized base (cosmos_train/models/quantize.py)
+    quantize_base: str = "none"
 
 
 SHORT_CLIPS = ("skip", "loop", "pad")

@@ -75,6 +75,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
     cfg, checkpoint, weights, state = open_run(run_dir, out_dir, "generator", step, ema=ema)
     if lora_only and cfg.train.method != "lora":
         raise UserError("--lora-only needs a LoRA run; this run used full finetuning")
+    # A run trained over a quantized base (model.quantize_base) exports over the unquantized checkpoint on disk:
+    # the adapters merge into (and are verified against) the base in its stored precision.
+    quantized_in_training = cfg.model.quantize_base
+    cfg.model.quantize_base = "none"
 
     trained = load_model(cfg)
     trained.setup_trainable(cfg)
@@ -87,6 +91,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
             "method": cfg.train.method, "ema": ema, "full_trainable": cfg.train.full_trainable if cfg.train.method == "full"
             else None, "lora_only": lora_only, "base_model": base, "base_revision": cfg.model.revision,
             "prompt_format": prompt_format}
+    if quantized_in_training != "none":
+        info["trained_over_quantized_base"] = quantized_in_training
     if cfg.action is not None:
         from cosmos_train.data.action_data import action_export_record
 

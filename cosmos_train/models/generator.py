@@ -143,9 +143,11 @@ class Cosmos3Generator:
     def setup_trainable(self, cfg) -> list:
         """Optimizer parameter groups for the recipe: LoRA adapters or selected full parameters, and for action
         runs the action heads' rows of the embodiment's domain in their own group (models/action_heads.py)."""
+        from cosmos_train.models.quantize import quantized_base
         from cosmos_train.trainer.adapters import setup_trainable
 
-        params = setup_trainable(self.transformer, cfg.train)
+        with quantized_base(self.transformer, cfg):  # model.quantize_base: the frozen base quantized before LoRA
+            params = setup_trainable(self.transformer, cfg.train)
         if getattr(cfg, "action", None) is None:
             return [{"params": params}]
         from cosmos_train.models.action_heads import enable_action_heads, init_domain_rows
