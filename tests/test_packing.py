@@ -2,10 +2,12 @@
 gets alone (predictions and gradients), the packed processor is the stock one when no pack is set,
 and the pack planner covers every sample once under the token budget."""
 
+import contextlib
 import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cosmos_train.config.schema import GeneratorConfig
 from cosmos_train.data.packing import (
@@ -18,6 +20,7 @@ from cosmos_train.data.packing import (
 from cosmos_train.models.generator import Cosmos3Generator
 from cosmos_train.models.packing import (
     PackedCosmos3AttnProcessor,
+    PackingLayout,
     build_packed_sequence,
     install_packed_attention,
     packing_layout,
@@ -129,6 +132,58 @@ def test_flex_attention_path_matches(model):
             p.backend = "auto"
     for a, p in zip(alone, packed):
         assert torch.allclose(p, a, atol=1e-5, rtol=1e-5), (p - a).abs().max()
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+@contextlib.contextmanager
+def _backend(model, backend):
+    model.install_packed_attention()
+    procs = [m.processor for m in model.transformer.modules()
+             if isinstance(getattr(m, "processor", None), PackedCosmos3AttnProcessor)]
+    for p in procs:
+        p.backend = backend
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.backend = "auto"
+
+
+@torch.no_grad()
+def test_per_sample_sdpa_equals_the_dense_reference_without_a_pack_sized_mask(model, monkeypatch):
+    """The CPU / fallback path runs each sample's attention on its own: the same predictions as one SDPA call with
+    the dense [U, U] / [G, U + G] masks, and no tensor spanning two token counts of the pack is ever created (the
+    dense path does create them: the detector is real)."""
+    batch = _batch(model)
+    seqs = [model.sample_sequence(s) for s in batch]
+    und = sum(s["und_len"] for s in seqs)
+    gen = sum(s["sequence_length"] - s["und_len"] for s in seqs)
+    pack_sizes = {und, gen, und + gen}
+
+    def run(backend):
+        with _backend(model, backend), _Shapes() as rec:
+            preds = model.predict_velocity_packed(batch)
+        return preds, [sh for sh in rec.shapes if sum(d in pack_sizes for d in sh) >= 2]
+
+    dense, dense_square = run("sdpa_dense")
+    assert (und, und) in dense_square and (gen, und + gen) in dense_square
+    monkeypatch.setattr(PackingLayout, "sdpa_masks", lambda *a: pytest.fail("dense masks built"))
+    blocks, block_square = run("sdpa")
+    assert block_square == []
+    for d, b in zip(dense, blocks):
+        assert torch.allclose(b, d, atol=1e-5, rtol=1e-5), (b - d).abs().max()  # kernels differ: fp32 rounding
 
 
 # ---- (b) no layout: the stock processor -------------------------------------------------------

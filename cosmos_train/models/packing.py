@@ -150,9 +150,16 @@ class PackingLayout:
                                 torch.repeat_interleave(n, torch.tensor(self.gen_lens, device=device)))
         return self._cache[key]
 
+    def bounds(self) -> list[tuple[int, int, int, int]]:
+        """(und start, und end, gen start, gen end) of every sample, in the und / gen halves."""
+        u = [0, *torch.tensor(self.und_lens).cumsum(0).tolist()]
+        g = [0, *torch.tensor(self.gen_lens).cumsum(0).tolist()]
+        return [(u[i], u[i + 1], g[i], g[i + 1]) for i in range(len(self.und_lens))]
+
     def sdpa_masks(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean masks (True = attend): und [U, U] block-diagonal causal; gen [G, U + G], keys ordered
-        [und | gen] as the processor concatenates them, each gen token seeing its own sample's blocks."""
+        [und | gen] as the processor concatenates them, each gen token seeing its own sample's blocks.
+        Dense, so quadratic in the pack: only the `sdpa_dense` reference backend uses them."""
         key = ("sdpa", str(device))
         if key not in self._cache:
             seg_und, seg_gen = self.segment_ids(device)
@@ -199,18 +206,31 @@ def _flex(q, k, v, block_mask):
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
-def _sdpa(q, k, v, mask):
-    """[S, H, D] in, [S, H, D] out; boolean mask (True = attend)."""
+def _sdpa(q, k, v, mask=None, causal=False):
+    """[S, H, D] in, [S, H, D] out; boolean mask (True = attend) or `causal` (top-left aligned, square)."""
     q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     if q.device.type == "cpu":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
     else:
         # The memory-efficient CUDA kernel takes an arbitrary mask but not GQA: repeat the kv heads
         # (SDPA's GQA maps query head h to kv head h // groups, which is what repeat_interleave does).
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return out.squeeze(0).transpose(0, 1)
+
+
+def _sdpa_per_sample(layout, q_und, k_und, v_und, q_gen, k_und_for_gen, k_gen, v_gen):
+    """The packed attention one sample at a time, with no mask tensor: sample i's text attends causally to its
+    own text, its gen tokens to its own text + gen tokens (the rule of `PackingLayout.sdpa_masks`). Memory grows
+    with the sum of the samples' squared lengths, not with the square of the pack."""
+    und_out, gen_out = [], []
+    for u0, u1, g0, g1 in layout.bounds():
+        und_out.append(_sdpa(q_und[u0:u1], k_und[u0:u1], v_und[u0:u1], causal=True))
+        keys = torch.cat([k_und_for_gen[u0:u1], k_gen[g0:g1]])  # [und | gen], as the processor orders them
+        values = torch.cat([v_und[u0:u1], v_gen[g0:g1]])
+        gen_out.append(_sdpa(q_gen[g0:g1], keys, values))
+    return torch.cat(und_out), torch.cat(gen_out)
 
 
 class PackedCosmos3AttnProcessor(Cosmos3AttnProcessor):
@@ -219,20 +239,24 @@ class PackedCosmos3AttnProcessor(Cosmos3AttnProcessor):
     `layout is None` -> exactly the stock processor (its own `__call__`). With a layout, the same
     projections / q-k norms / rotary embedding as the stock processor (copied from it), then per
     sample: und tokens attend causally within the sample's text; gen tokens attend to the sample's
-    und + gen tokens. `backend`: "auto" (flex attention on CUDA when available, else SDPA with boolean
-    masks), "sdpa" (the reference path) or "flex".
+    und + gen tokens. `backend`: "auto" (flex attention on CUDA when available, else "sdpa"), "sdpa" (SDPA one
+    sample at a time: no mask tensor, memory linear in the number of samples), "flex" (BlockMasks), or
+    "sdpa_dense" (one SDPA call with dense boolean [U, U] / [G, U + G] masks: the reference the others are
+    tested against; quadratic in the pack).
     """
 
+    BACKENDS = ("auto", "sdpa", "flex", "sdpa_dense")
+
     def __init__(self, backend: str = "auto"):
-        if backend not in ("auto", "sdpa", "flex"):
-            raise ValueError(f"backend must be auto, sdpa or flex, got {backend!r}")
+        if backend not in self.BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(self.BACKENDS)}, got {backend!r}")
         if backend == "flex" and flex_attention is None:
             raise RuntimeError("flex attention needs torch >= 2.5")
         self.backend = backend
         self.layout: PackingLayout | None = None
 
     def _use_flex(self, device) -> bool:
-        if flex_attention is None or self.backend == "sdpa":
+        if flex_attention is None or self.backend in ("sdpa", "sdpa_dense"):
             return False
         return self.backend == "flex" or device.type == "cuda"
 
@@ -268,30 +292,31 @@ class PackedCosmos3AttnProcessor(Cosmos3AttnProcessor):
         k_gen = k_gen * cos_gen + _rotate_half(k_gen) * sin_gen
         # ---- end of the copied part ----
 
-        all_k = torch.cat([k_und_for_gen, k_gen], dim=0)
-        all_v = torch.cat([v_und, v_gen], dim=0)
         causal_out = full_out = None
         if self._use_flex(und_seq.device):
             try:
                 und_bm, gen_bm = layout.block_masks(und_seq.device)
                 causal_out = _flex(*(x.transpose(0, 1).unsqueeze(0) for x in (q_und, k_und, v_und)), und_bm)
+                all_k, all_v = torch.cat([k_und_for_gen, k_gen]), torch.cat([v_und, v_gen])  # keys [und | gen]
                 full_out = _flex(*(x.transpose(0, 1).unsqueeze(0) for x in (q_gen, all_k, all_v)), gen_bm)
                 causal_out = causal_out.squeeze(0).transpose(0, 1)
                 full_out = full_out.squeeze(0).transpose(0, 1)
-            except Exception as err:  # noqa: BLE001 - any flex failure falls back to the reference path
+            except Exception as err:  # noqa: BLE001 - any flex failure falls back to per-sample SDPA
                 if self.backend == "flex":
                     raise
                 global _flex_failed_warned
                 if not _flex_failed_warned:
                     warnings.warn(f"flex attention failed ({type(err).__name__}: {err}); packed attention falls "
-                                  "back to SDPA with dense boolean masks", stacklevel=2)
+                                  "back to SDPA one sample at a time", stacklevel=2)
                     _flex_failed_warned = True
                 self.backend = "sdpa"
                 causal_out = full_out = None
-        if causal_out is None:
+        if causal_out is None and self.backend == "sdpa_dense":
             und_mask, gen_mask = layout.sdpa_masks(und_seq.device)
             causal_out = _sdpa(q_und, k_und, v_und, und_mask)
-            full_out = _sdpa(q_gen, all_k, all_v, gen_mask)
+            full_out = _sdpa(q_gen, torch.cat([k_und_for_gen, k_gen]), torch.cat([v_und, v_gen]), gen_mask)
+        elif causal_out is None:
+            causal_out, full_out = _sdpa_per_sample(layout, q_und, k_und, v_und, q_gen, k_und_for_gen, k_gen, v_gen)
 
         und_out = attn.to_out(causal_out.flatten(-2, -1))
         gen_out = attn.to_add_out(full_out.flatten(-2, -1))
