@@ -15,6 +15,9 @@ written to --out (default bench/gpu_results.md) with the date and device. Target
 GPU): LoRA at 480p MFU >= 40 %, peak memory <= 45 GB with the bf16 base. `lora-int8` rows are LoRA over an int8
 weight-only frozen base (`model.quantize_base: int8`, cosmos_train/models/quantize.py): same adapters, same
 FLOPs counted as LoRA.
+
+A second table measures the packed attention's memory against the number of samples in a pack, per attention
+backend (per-sample SDPA, the dense-mask reference, flex on CUDA): per-sample SDPA and flex stay linear.
 """
 
 from __future__ import annotations
@@ -164,6 +167,78 @@ def table(rows: list[dict], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def attention_memory(model_args, counts: list[int], tier: int, frames: int, device: str) -> list[dict]:
+    """The packed attention's memory against the number of samples in a pack: one no-grad forward of n clips
+    (`frames` each, 200-token prompts) per backend. `largest_mb`: the largest tensor any op created (a dense
+    [S, S] mask shows up there, quadratic in n; per-sample SDPA stays flat); `peak_gb`: the device's peak (CUDA).
+    flex (CUDA only) is measured by its peak alone: its compiled kernel does not run under the op recorder."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cosmos_train.models.packing import PackedCosmos3AttnProcessor, install_packed_attention, pack_sequences, \
+        packing_layout
+    from cosmos_train.models.sequence import transformer_kwargs
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.bytes = max(self.bytes, t.numel() * t.element_size())
+            return out
+
+    model = build_transformer(*model_args).eval()
+    install_packed_attention(model)
+    procs = {id(m.processor): m.processor for m in model.modules()
+             if isinstance(getattr(m, "processor", None), PackedCosmos3AttnProcessor)}.values()
+    cuda = device.startswith("cuda")
+    backends = ["sdpa", "sdpa_dense"] + (["flex"] if cuda else [])
+    rows = []
+    for n in counts:
+        seqs, latents = [], []
+        for _ in range(n):  # n copies of one clip: the pack grows, each sample's own attention does not
+            s, lat = make_samples(model, tier, frames, False, device)
+            seqs += s
+            latents += lat
+        seq = pack_sequences(seqs, device=device)
+        timesteps = torch.cat([torch.full((s["num_noisy_vision_tokens"],), 500.0, device=device) for s in seqs])
+        for backend in backends:
+            for p in procs:
+                p.backend = backend
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            recorder = Largest() if backend != "flex" else _null()
+            try:
+                with torch.no_grad(), packing_layout(model, seq["und_lens"], seq["gen_lens"]), recorder:
+                    model(**transformer_kwargs(seq), vision_tokens=latents, vision_timesteps=timesteps,
+                          return_dict=False)
+                peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+                rows.append({"backend": backend, "samples": n, "tokens": seq["sequence_length"],
+                             "largest_mb": recorder.bytes / 2**20 if backend != "flex" else None, "peak_gb": peak})
+            except torch.OutOfMemoryError:
+                rows.append({"backend": backend, "samples": n, "tokens": seq["sequence_length"], "error": "OOM"})
+                torch.cuda.empty_cache()
+            print(rows[-1], flush=True)
+    return rows
+
+
+def attention_table(rows: list[dict]) -> str:
+    lines = ["", "## Packed attention memory vs samples per pack (no-grad forward)", "",
+             "| attention | samples | tokens | largest tensor (MB) | peak mem (GB) |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['backend']} | {r['samples']} | {r['tokens']} | {r['error']} | |")
+            continue
+        largest = f"{r['largest_mb']:.2f}" if r["largest_mb"] is not None else "n/a"
+        peak = f"{r['peak_gb']:.2f}" if r["peak_gb"] is not None else "n/a"
+        lines.append(f"| {r['backend']} | {r['samples']} | {r['tokens']} | {largest} | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny config (CPU test) instead of full Nano")
@@ -173,6 +248,8 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=93)
     parser.add_argument("--tiers", default="256,480")
     parser.add_argument("--methods", default="lora,lora-int8,full")
+    parser.add_argument("--attention-samples", default="1,2,4,8",
+                        help="samples per pack for the packed attention memory table ('' to skip)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "gpu_results.md"))
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -192,6 +269,10 @@ def main(argv=None) -> int:
                         torch.cuda.empty_cache()
                     print(rows[-1], flush=True)
     text = table(rows, args.device)
+    if args.attention_samples:
+        counts = [int(n) for n in args.attention_samples.split(",")]
+        tier = int(args.tiers.split(",")[0])
+        text += attention_table(attention_memory(model_args, counts, tier, args.frames, args.device))
     Path(args.out).write_text(text)
     print(text)
     print(f"written to {args.out}")

@@ -19,3 +19,18 @@ def test_gpu_benchmark_runs_on_cpu_with_the_tiny_config(tmp_path):
     packed = [r for r in rows if r.split("|")[5].strip() == "True"]
     single = [r for r in rows if r.split("|")[5].strip() == "False"]
     assert all(int(p.split("|")[6]) > int(s.split("|")[6]) for p, s in zip(packed, single))  # two clips per pack
+
+
+def test_packed_attention_memory_is_linear_in_samples_without_flex():
+    """The benchmark's attention table on CPU: per-sample SDPA's largest tensor grows linearly with the samples in a
+    pack, the dense-mask reference's quadratically (its [S, S] masks)."""
+    spec = importlib.util.spec_from_file_location("gpu_train", REPO / "bench" / "gpu_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    import torch
+
+    rows = bench.attention_memory((True, None, "cpu", torch.float32), [1, 4], 256, 9, "cpu")
+    mb = {(r["backend"], r["samples"]): r["largest_mb"] for r in rows}
+    assert mb["sdpa", 4] <= 4 * mb["sdpa", 1] * 1.01
+    assert mb["sdpa_dense", 4] > 6 * mb["sdpa_dense", 1] and mb["sdpa_dense", 4] > 2 * mb["sdpa", 4]
+    assert "| sdpa | 4 |" in bench.attention_table(rows)
