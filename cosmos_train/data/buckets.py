@@ -198,6 +198,8 @@ class BucketSampler(torch.utils.data.Sampler):
         self.rank = rank
         self.world_size = world_size
         self.start = start
+        # keys handed to this rank when a run resumed on another process count (see `reshard`): drawn first
+        self.prefix: list[SampleKey] = []
 
         # bucket ids in order of first appearance (independent of hashing)
         ids: dict[Hashable, int] = {}
@@ -303,10 +305,62 @@ class BucketSampler(torch.utils.data.Sampler):
         return [SampleKey(int(i), int(p)) for i, p in mine]
 
     def __iter__(self):
+        yield from self.prefix
         epoch, position = divmod(self.start, self.per_epoch)
         while True:
             yield from self.epoch_order(epoch)[position:]
             epoch, position = epoch + 1, 0
+
+
+    # -- resuming on another number of processes ------------------------------------------------
+
+    def position(self, drawn: int) -> dict:
+        """This rank's place after drawing `drawn` keys (its prefix first), as a checkpoint stores it:
+        {"consumed": keys of its own stream consumed, "prefix": prefix keys not drawn yet}."""
+        rest = self.prefix[drawn:]
+        return {"consumed": self.start + max(0, drawn - len(self.prefix)), "prefix": [list(k) for k in rest]}
+
+    def restore(self, position: dict) -> None:
+        self.start = int(position["consumed"])
+        self.prefix = [SampleKey(*k) for k in position.get("prefix", [])]
+
+    def reshard(self, saved: list[dict]) -> dict:
+        """This rank's position when a run saved by ``len(saved)`` processes continues on ``world_size``.
+
+        `saved`: each old rank's {"consumed", "prefix", "pending"} (pending: keys drawn but not trained yet, e.g.
+        waiting in the packer). Every key no old rank trained is trained once, in global stream order: the old
+        ranks' pending and prefix keys, then the groups of the epochs they had begun that none of them consumed;
+        these are dealt to the new ranks group by group (rank r takes groups r, r + world_size, ...), and the new
+        ranks' own streams start at the first epoch no old rank had begun."""
+        old_world = len(saved)
+        old = _copy_layout(self, old_world)
+        G, n_rank = self.group_size, old.padded_groups // old_world  # groups per old rank per epoch
+        leftover: list[list[SampleKey]] = []
+        for state in saved:  # drawn, not trained: one key each (pending only exist with group_size 1)
+            leftover += [[SampleKey(*k)] for k in state.get("pending", [])]
+        for state in saved:
+            prefix = [SampleKey(*k) for k in state.get("prefix", [])]
+            leftover += [prefix[i:i + G] for i in range(0, len(prefix), G)]
+        groups_done = [int(state["consumed"]) // G for state in saved]  # whole groups of each old rank's stream
+        first = min(groups_done) // n_rank
+        end = max(-(-done // n_rank) for done in groups_done)  # first epoch no old rank had begun
+        for epoch in range(first, end):
+            rows = old.epoch_groups(epoch)
+            for row in range(old.groups_per_epoch):  # real groups only: rows past them repeat the first ones
+                rank, j = row % old_world, row // old_world
+                if epoch * n_rank + j >= groups_done[rank]:
+                    leftover.append([SampleKey(int(i), int(p)) for i, p in rows[row]])
+        mine = [key for group in leftover[self.rank::self.world_size] for key in group]
+        return {"consumed": end * self.per_epoch, "prefix": [list(k) for k in mine]}
+
+
+def _copy_layout(sampler: BucketSampler, world_size: int) -> BucketSampler:
+    import copy
+
+    other = copy.copy(sampler)
+    other.world_size, other.rank, other.prefix = world_size, 0, []
+    other.padded_groups = -(-sampler.groups_per_epoch // world_size) * world_size
+    return other
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):

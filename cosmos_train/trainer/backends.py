@@ -248,6 +248,10 @@ class FSDP2Backend(Backend):
         if not directory.is_dir():
             raise UserError(f"{checkpoint} has no sharded optimizer state ({SHARDED_OPTIMIZER}/): it was written by "
                             f"another back-end; resume with the run's train.distributed.backend")
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+
         state = self._state()  # the layout to read into; dcp re-shards the saved tensors to this process count
-        dcp.load(state, checkpoint_id=str(directory))
+        # Partial: the layout has a state for every trained parameter, the checkpoint only for those that had a
+        # gradient by then (e.g. not a modality's head that no batch used yet).
+        dcp.load(state, checkpoint_id=str(directory), planner=DefaultLoadPlanner(allow_partial_load=True))
         set_optimizer_state_dict(self.module, self.optimizer, optim_state_dict=state["optimizer"])

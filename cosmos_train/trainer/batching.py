@@ -18,7 +18,7 @@ from cosmos_train.errors import UserError
 
 class MicroBatcher:
     def __init__(self, stream, encode, objective, cfg, skips, reachable: set[str], consumed: int = 0,
-                 skipped_sources: set[str] | None = None, keys=None, redraw=None):
+                 skipped_sources: set[str] | None = None, keys=None, redraw=None, position=None):
         self.stream, self.encode, self.objective = stream, encode, objective
         # redraw(key) -> the same drawn sample again (draws are keyed): checkpoints then store the keys of the
         # samples waiting in the packer instead of their tensors
@@ -28,7 +28,9 @@ class MicroBatcher:
         # is drawn from its own key, not from the rank's stream (results independent of the process count).
         self.keys = keys
         self.cfg, self.skips, self.reachable = cfg, skips, reachable
-        self.consumed = consumed
+        self.consumed = consumed  # samples drawn from the stream by this process
+        # position(drawn) -> the sampler's place as a checkpoint stores it ({"consumed", "prefix"}); None: consumed
+        self.position = position
         self.skipped_sources = skipped_sources or set()
         self.decode_log = DecodeLog()  # what decoding did to each source's fps / length / size
         packing = cfg.train.packing
@@ -94,10 +96,13 @@ class MicroBatcher:
             key = self._key_of.get(id(item)) if self.redraw is not None else None
             pending.append({"order": order, "length": length, "key": list(key)} if key is not None else
                            {"order": order, "length": length, "item": dataclasses.asdict(item)})
-        return {"consumed": self.consumed, "pending": pending}
+        place = self.position(self.consumed) if self.position is not None else {"consumed": self.consumed}
+        return {**place, "pending": pending}
 
     def load_rank_state(self, state: dict) -> None:
-        self.consumed = state["consumed"]
+        """The samples waiting in the packer (the sampler's position is restored by the sampler itself)."""
+        if self.position is None:
+            self.consumed = state["consumed"]
         if self.packer is not None:
             restore = self.objective.restore_item  # dict (as saved) -> the objective's drawn-sample type
             entries = []

@@ -37,6 +37,7 @@ from cosmos_train.objectives import build_objective
 from cosmos_train.trainer import checkpoint as ckpt
 from cosmos_train.trainer.backends import SHARDED_OPTIMIZER, check_supported, make_backend
 from cosmos_train.trainer.batching import MicroBatcher
+from cosmos_train.trainer.launch_check import check_process_count
 from cosmos_train.trainer.inputs import build_data, cache_location, open_cache
 from cosmos_train.trainer import metrics as M
 from cosmos_train.trainer.adapters import is_gen_param
@@ -47,10 +48,11 @@ from cosmos_train.trainer.optim import lr_multiplier
 
 # Recipe keys a resumed run must share with the run it continues: they set the learning-rate schedule, the
 # data order (and the noise drawn for it) or the shape of the trained weights. train.max_steps is handled
-# on its own (see _check_schedule); anything else (logging, checkpoint_every, num_workers, ...) may change.
+# on its own (see _check_schedule), train.grad_accum_steps with the process count (_check_global_batch: a run may
+# resume on another number of processes when the global batch stays the same); anything else (logging, checkpoint_every, num_workers, ...) may change.
 RESUME_KEYS = (
     "objective", "train.lr", "train.lr_schedule", "train.warmup_steps", "train.min_lr_ratio", "train.seed",
-    "train.batch_size", "train.grad_accum_steps", "train.packing", "train.method", "train.lora",
+    "train.batch_size", "train.packing", "train.method", "train.lora",
     "train.full_trainable", "data.manifest", "data.sources", "data.shuffle", "data.resolution", "data.height",
     "data.width", "data.aspect_buckets", "data.num_frames", "action.dataset", "action.cameras",
     "action.chunk_size", "action.window_stride", "action.val_episodes",
@@ -224,7 +226,26 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _check_resume_recipe(cfg: RecipeConfig, run_dir: Path, latest: Path) -> list[str]:
+def _check_global_batch(cfg: RecipeConfig, saved: dict, state: dict, processes: int) -> list[str]:
+    """The global batch (processes x train.batch_size x train.grad_accum_steps) sets what one optimizer step sees:
+    a resumed run keeps it, so a run may move to another number of processes by changing grad_accum_steps."""
+    before_procs = int(state.get("num_processes") or len(state.get("samples_consumed") or [1]))
+    before_accum = _get(saved, "train.grad_accum_steps")
+    before_accum = int(before_accum) if before_accum is not _MISSING else cfg.train.grad_accum_steps
+    before, now = before_procs * before_accum, processes * cfg.train.grad_accum_steps
+    if before == now:
+        return ([f"resuming a run of {before_procs} process(es) on {processes}: train.grad_accum_steps "
+                 f"{before_accum} -> {cfg.train.grad_accum_steps} keeps the global batch"]
+                if before_procs != processes else [])
+    hint = (f"set train.grad_accum_steps={before // processes}" if before % processes == 0 else
+            f"use a number of processes that divides {before}")
+    raise UserError(
+        f"cannot resume: the run trained with a global batch of {before} (processes {before_procs} x "
+        f"train.grad_accum_steps {before_accum} x train.batch_size {cfg.train.batch_size}) and this launch gives "
+        f"{now} ({processes} x {cfg.train.grad_accum_steps}); {hint} to keep it")
+
+
+def _check_resume_recipe(cfg: RecipeConfig, run_dir: Path, latest: Path, processes: int = 1) -> list[str]:
     """Refuse a recipe whose schedule / data-order keys differ from the run's saved recipe.yaml; handle a
     changed train.max_steps (_check_schedule). Returns lines to print."""
     import yaml
@@ -248,10 +269,21 @@ def _check_resume_recipe(cfg: RecipeConfig, run_dir: Path, latest: Path) -> list
             f"order or the trained weights ({'; '.join(changed)}). Resume with the run's values (its "
             f"{run_dir / 'recipe.yaml'}), or start a new run in another output_dir")
     state = _read_json(latest / ckpt.STATE)
+    backend = state.get("backend", "ddp")
+    if backend != cfg.train.distributed.backend and "sharded" in (_kind(backend), _kind(cfg.train.distributed.backend)):
+        raise UserError(f"cannot resume {run_dir}: its checkpoints were written by train.distributed.backend="
+                        f"{backend} and the recipe asks for {cfg.train.distributed.backend}; resume with "
+                        f"train.distributed.backend={backend}")
+    notes = _check_global_batch(cfg, saved, state, processes)
     saved_steps = _get(saved, "train.max_steps")
     schedule_steps = int(state.get("schedule_steps") or (saved_steps if saved_steps is not _MISSING else 0)
                          or cfg.train.max_steps)
-    return _check_schedule(cfg, int(state.get("step", 0)), schedule_steps)
+    return notes + _check_schedule(cfg, int(state.get("step", 0)), schedule_steps)
+
+
+def _kind(backend: str) -> str:
+    """Checkpoints of ddp hold the whole optimizer state; fsdp2's and DeepSpeed's hold it sharded, each its own way."""
+    return "replicated" if backend == "ddp" else "sharded"
 
 
 def _check_schedule(cfg: RecipeConfig, step: int, schedule_steps: int) -> list[str]:
@@ -288,7 +320,7 @@ def _check_schedule(cfg: RecipeConfig, step: int, schedule_steps: int) -> list[s
         f"{lr_at(schedule_steps):.3g}), or resume with train.max_steps={schedule_steps}")
 
 
-def _plan_run(cfg: RecipeConfig, mode: str) -> tuple[bool, list[str]]:
+def _plan_run(cfg: RecipeConfig, mode: str, processes: int = 1) -> tuple[bool, list[str]]:
     """Every rank, before any barrier: is this a resume, and may it be one? -> (resuming, lines to print)."""
     run_dir = Path(cfg.output_dir)
     _check_output_dir(run_dir)
@@ -307,7 +339,7 @@ def _plan_run(cfg: RecipeConfig, mode: str) -> tuple[bool, list[str]]:
                 "drop --resume to start a new run there, or pass --resume=auto (continue when there is a "
                 "checkpoint, start otherwise)")
         return False, [f"--resume=auto: no checkpoint in {ckpt.checkpoint_dir(run_dir)}; starting a new run"]
-    return True, _check_resume_recipe(cfg, run_dir, found[-1])
+    return True, _check_resume_recipe(cfg, run_dir, found[-1], processes)
 
 
 def _write_run_dir(cfg: RecipeConfig) -> Path:
@@ -353,11 +385,12 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
     # ---- setup ---------------------------------------------------------------------------
     check_supported(cfg)
     accelerator = _accelerator(cfg)
+    check_process_count(accelerator.num_processes)  # a launcher that started another number than asked for
     backend = make_backend(cfg, accelerator)  # ddp | fsdp2 | zero2 | zero3 (train.distributed.backend)
     is_main = accelerator.is_main_process
     # Every rank checks, before any barrier, so all of them stop with the message (checked on rank 0
     # alone, the other ranks crash in the barrier with a "connection closed by peer" traceback).
-    resuming, notes = _plan_run(cfg, mode)
+    resuming, notes = _plan_run(cfg, mode, accelerator.num_processes)
     run_dir = _on_main(accelerator, lambda: _write_run_dir(cfg)) or Path(cfg.output_dir)
     if is_main:
         for line in notes:
@@ -420,14 +453,10 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
                     print(f"checkpoint {err.path.name} is damaged ({err.file} {err.problem}); set aside as "
                           f"{moved.name}, resuming from the previous intact checkpoint {found.name}")
         ranks = torch_state["ranks"]
-        if len(ranks) != accelerator.num_processes:
-            raise UserError(
-                f"{found} was written by a run of {len(ranks)} process(es) and this run has "
-                f"{accelerator.num_processes}: resume with the same number of processes (the data position and "
-                "noise RNG are stored per rank)"
-            )
         model.load_trainable_state_dict(cfg, weights)  # before the back-end wraps (and maybe shards) them
-        resumed = ranks[accelerator.process_index]
+        # a run continuing on another number of processes: the data position is dealt out again (sampler.reshard)
+        resharded = len(ranks) != accelerator.num_processes
+        resumed = ranks[min(accelerator.process_index, len(ranks) - 1)]
         objective.load_state_dict(resumed["objective"])
         step = state["step"]
         skips.load_state_dict(state.get("skips", {}))
@@ -455,7 +484,14 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
     if cfg.train.packing.enabled:
         model.install_packed_attention()
     sampler = data.sampler
-    sampler.start = resumed["batcher"]["consumed"] if resumed else 0
+    if resumed and resharded:
+        if any("key" not in e for r in ranks for e in r["batcher"]["pending"]):
+            raise UserError(f"{found} was written by an older version that stored drawn samples, not their keys: "
+                            f"resume it on {len(ranks)} process(es)")
+        sampler.restore(sampler.reshard([{**r["batcher"], "pending": [e["key"] for e in r["batcher"]["pending"]]}
+                                         for r in ranks]))
+    elif resumed:
+        sampler.restore(resumed["batcher"])
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=None, num_workers=cfg.data.num_workers,
         pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
@@ -465,7 +501,8 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
     # Sources this rank can ever be given (all when shuffling, a fixed shard otherwise): once all of them
     # proved unusable, stop rather than loop forever.
     sources = [e["source"] for e in cache_index["samples"]] if cache_index else [r.source for r in data.dataset.records]
-    reachable = {sources[k.index] for k in sampler.epoch_order(0)} if not cfg.data.shuffle else set(sources)
+    reachable = ({sources[k.index] for k in [*sampler.epoch_order(0), *sampler.prefix]} if not cfg.data.shuffle
+                 else set(sources))
     # Without workers the DataLoader only adds per-sample overhead on the hot path: index directly.
     stream = iter(loader) if cfg.data.num_workers > 0 else (dataset[key] for key in sampler)
     def redraw(key):  # a sample waiting in the packer at the checkpoint, drawn again from its key
@@ -477,8 +514,9 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
         return objective.draw(encode(sample), key)
 
     batcher = MicroBatcher(stream, encode, objective, cfg, skips, reachable, keys=iter(sampler), redraw=redraw,
-                           skipped_sources=set(state.get("skipped_sources", [])) if resumed else None)
-    if resumed:
+                           skipped_sources=set(state.get("skipped_sources", [])) if resumed else None,
+                           position=sampler.position)
+    if resumed and not resharded:  # resharded: the waiting samples were dealt out as prefix keys
         batcher.load_rank_state(resumed["batcher"])
     if is_main:
         _trim_metrics(run_dir, step)  # each step once: rows a killed run logged past its last checkpoint go
