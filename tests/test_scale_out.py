@@ -154,3 +154,37 @@ def test_fsdp2_equals_one_process_and_resumes_on_another_count(tmp_path, recipe)
     # the sharded run exports like any other (the export verifies itself against diffusers)
     _run(["export", str(two), str(tmp_path / "export")], tmp_path)
     assert (tmp_path / "export" / "model_index.json").is_file()
+
+
+def test_every_rank_has_the_same_gradients_whatever_its_batch_holds(tiny_dir, tmp_path):
+    """A rank whose batch has no sound still gets (zero) gradients for the sound heads: sharded back-ends reduce
+    gradients tensor by tensor and abort / hang when ranks disagree on which exist."""
+    import torch
+
+    from cosmos_train.config import load_recipe
+    from cosmos_train.data import GeneratorDataset, read_manifest
+    from cosmos_train.models import load_model
+    from cosmos_train.objectives import build_objective
+
+    cfg = load_recipe(TINY_RECIPES / "t2v_full.yaml", [f"model.pretrained={tiny_dir}", f"output_dir={tmp_path}"])
+    model = load_model(cfg)
+    model.setup_trainable(cfg)
+    objective = build_objective(cfg, model, seed=0)
+    h, w = cfg.pixel_size()
+    sample = GeneratorDataset(read_manifest(cfg.data.manifest), cfg.data.num_frames, h, w, fps=cfg.data.fps)[0]
+    heads = [n for n, p in model.transformer.named_parameters() if p.requires_grad and "audio_proj" in n]
+    assert heads
+
+    def grads():
+        loss, _ = objective.loss([objective.draw(objective.encode(sample))])
+        loss.backward()
+        out = {n: p.grad for n, p in model.transformer.named_parameters() if p.requires_grad}
+        model.transformer.zero_grad(set_to_none=True)
+        return out
+
+    before = grads()
+    assert all(before[n] is None for n in heads)  # no sound in this batch: the heads are not in its graph
+    model.anchor_trained_heads()
+    after = grads()
+    assert all(g is not None for g in after.values())
+    assert all(float(after[n].abs().sum()) == 0.0 for n in heads)  # ... and now are, with zero gradients

@@ -267,6 +267,28 @@ class Cosmos3Generator:
         apply_plan(plan, self._part, device)
         return self
 
+    def anchor_trained_heads(self) -> None:
+        """Every trained parameter outside the decoder layers (modality heads, embeddings) enters every forward's
+        graph, with weight 0 when its modality is absent (a batch without sound skips `audio_proj_*`): all ranks
+        then produce the same set of gradients each step, which sharded back-ends reduce tensor by tensor (FSDP2
+        aborts, DeepSpeed hangs otherwise) and which spares DDP its unused-parameter search.
+
+        A forward hook, registered before the back-end wraps the transformer: it reads the parameters by name at
+        call time, when FSDP2 has them gathered."""
+        names = [n for n, p in self.transformer.named_parameters() if p.requires_grad and not n.startswith("layers.")]
+        if not names:
+            return
+
+        def hook(module, args, output):
+            anchor = sum(module.get_parameter(n).sum() for n in names) * 0.0
+            preds = output[0] if isinstance(output, tuple) else output.sample
+            first = next((i for i, t in enumerate(preds) if torch.is_tensor(t)), None)
+            if first is not None:
+                preds[first] = preds[first] + anchor.to(preds[first].dtype)
+            return output
+
+        self.transformer.register_forward_hook(hook)
+
     def media_on_device(self):
         """Context: the whole VAE and sound tokenizer on the transformer's device, each back where it was after
         (validation encodes held-out clips and samples with the pipeline, which encodes i2v images and decodes)."""

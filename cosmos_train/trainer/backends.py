@@ -119,10 +119,17 @@ class Backend:
         self.optimizer.load_state_dict(torch_state["optimizer"])
 
 
+def anchor(model) -> None:
+    """Every rank computes gradients for the same parameters each step, whatever its batch holds."""
+    if hasattr(model, "anchor_trained_heads"):
+        model.anchor_trained_heads()
+
+
 class DDPBackend(Backend):
     def prepare(self, model, groups):
         from cosmos_train.models import adapter_class
 
+        anchor(model)
         optimizer, scheduler = build_optimizer(groups, self.cfg.train)
         self.module, self.optimizer = self.accelerator.prepare(model.transformer, optimizer)
         model.forward_module = self.module
@@ -176,6 +183,7 @@ class FSDP2Backend(Backend):
         device = self.accelerator.device
         ensure_process_group(device)
         transformer = model.transformer
+        anchor(model)
         names = {id(p): n for n, p in transformer.named_parameters()}
         # Each rank initialized its own LoRA / new head rows; fully_shard keeps each rank's local values (DDP
         # broadcasts rank 0's): start every rank from rank 0's trained weights.
