@@ -295,5 +295,5 @@ def _what_trained(cfg) -> str:
         return (f"LoRA rank {t.lora.rank}, alpha {t.lora.alpha} on {', '.join(t.lora.target_modules)} "
                 "(generation pathway; the reasoner's language model is unchanged)" if t.lora.target_modules else "LoRA")
     return ("full finetuning of the generation pathway, time embedder and latent projections" if
-            t.full_trainable == "gen" else "full finetuning of every weight (understanding pathway included: the "
-            "reasoner's language model changed too)")
+            t.full_trainable == "gen" else "full finetuning of every weight but lm_head (understanding pathway "
+            "included: the reasoner's language model changed too)")
