@@ -214,6 +214,7 @@ class DeepSpeedBackend(Backend):
         self.ds_config = None
         self._coalescing = None  # ExitStack over engine.coalesce_grad_reduction() while micro-steps accumulate
         self._trained = []  # (name, parameter) of the trained parameters, in module order (collective order)
+        self._keyed = None  # model.trainable_state_dict key -> trained parameter
 
     # ---- setup -------------------------------------------------------------------------------------
     def prepare(self, model, groups):
@@ -324,7 +325,9 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         keep = self.accelerator.is_main_process
-        keyed = self._keys_to_params(model, cfg)
+        if self._keyed is None:  # the trained set never changes: worked out once
+            self._keyed = self._keys_to_params(model, cfg)
+        keyed = self._keyed
         state = {}
         for key, param in keyed.items():  # module order on every rank: the same collectives in the same order
             value = self._full_fp32(param) if param is not None else None
@@ -344,7 +347,11 @@ class DeepSpeedBackend(Backend):
         PEFT drops the adapter name from a LoRA parameter's name; other keys are parameter names."""
         from cosmos_train.trainer.adapters import ADAPTER_NAME
 
-        keys = list(model.trainable_state_dict(cfg))  # under ZeRO-3 the values are empty partitions: keys only
+        import warnings
+
+        with warnings.catch_warnings():  # PEFT warns about the empty ZeRO-3 partitions: only the keys are used
+            warnings.simplefilter("ignore")
+            keys = list(model.trainable_state_dict(cfg))  # keys only (under ZeRO-3 the values are empty partitions)
         by_key = {}
         for name, param in self._trained:
             for key in (name, name.replace(f".{ADAPTER_NAME}", "")):
@@ -357,19 +364,30 @@ class DeepSpeedBackend(Backend):
     def optimizer_state(self):
         return None
 
-    def _inner(self):
-        """Our torch optimizer inside ZeRO, over the flat fp32 partitions."""
-        return self.engine.optimizer.optimizer
+    def _flats(self) -> list[tuple[int, torch.Tensor, torch.optim.Optimizer]]:
+        """(param group index, flat fp32 partition, the torch optimizer holding its state) on this rank: our
+        AdamW inside ZeRO steps flat partitions (stage 2: one per group; stage 3: sub-groups, whose list of
+        the optimizer's group params is emptied between steps, and with a partial offload a GPU-side copy of
+        the optimizer for some of them)."""
+        opt = self.engine.optimizer
+        if self.stage == 2:
+            return [(i, p, opt.optimizer) for i, g in enumerate(opt.optimizer.param_groups) for p in g["params"]]
+        devices = getattr(opt, "subgroup_to_device", None) or {}
+        backup = getattr(opt, "backup_optimizer", None)
+        return [(opt.sub_group_to_group_id[j], flat,
+                 backup if backup is not None and devices.get(j, "cpu") != "cpu" else opt.optimizer)
+                for j, flat in enumerate(opt.fp32_partitioned_groups_flat)]
 
     def _state_keys(self) -> tuple[list[str], list[float]]:
-        """The optimizer's per-element state keys (exp_avg, exp_avg_sq) and each group's step count."""
-        inner = self._inner()
-        keys, steps = [], []
-        for group in inner.param_groups:
-            state = inner.state.get(group["params"][0], {}) if group["params"] else {}
-            steps.append(float(state["step"]) if "step" in state else 0.0)
+        """The optimizer's per-element state keys (exp_avg, exp_avg_sq) and each param group's step count
+        (the same on every rank: all partitions step together)."""
+        keys, steps = [], [0.0] * len(self.engine.optimizer.param_groups)
+        for group, flat, inner in self._flats():
+            state = inner.state.get(flat, {})
+            if "step" in state:
+                steps[group] = float(state["step"])
             for key, value in state.items():
-                if torch.is_tensor(value) and value.numel() == group["params"][0].numel() and key not in keys:
+                if torch.is_tensor(value) and value.numel() == flat.numel() and key not in keys:
                     keys.append(key)
         return keys, steps
 
@@ -449,20 +467,18 @@ class DeepSpeedBackend(Backend):
 
     def _init_state(self, keys: list[str], steps: list[float]) -> None:
         """Before the first step ZeRO's optimizer has no state to write into: create it (zeros, the saved
-        step count) and let DeepSpeed link its fragments to it."""
-        inner = self._inner()
-        if len(steps) != len(inner.param_groups):
+        step counts) and let DeepSpeed link its fragments to it."""
+        if len(steps) != len(self.engine.optimizer.param_groups):
             raise UserError(f"the checkpoint's optimizer has {len(steps)} parameter group(s), this recipe "
-                            f"{len(inner.param_groups)}: resume with the run's recipe")
-        for group, step in zip(inner.param_groups, steps):
-            for flat in group["params"]:
-                state = inner.state[flat]
-                for key in keys:
-                    if key not in state:
-                        state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-                previous = state.get("step")
-                state["step"] = (torch.tensor(step, dtype=previous.dtype, device=previous.device)
-                                 if torch.is_tensor(previous) else torch.tensor(step, dtype=torch.float32))
+                            f"{len(self.engine.optimizer.param_groups)}: resume with the run's recipe")
+        for group, flat, inner in self._flats():
+            state = inner.state[flat]
+            for key in keys:
+                if key not in state:
+                    state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+            previous = state.get("step")
+            state["step"] = (torch.tensor(steps[group], dtype=previous.dtype, device=previous.device)
+                             if torch.is_tensor(previous) else torch.tensor(steps[group], dtype=torch.float32))
         opt = self.engine.optimizer
         if self.stage == 2:
             opt._hp_optimizer_states_linked = False
