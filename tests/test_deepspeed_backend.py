@@ -35,6 +35,7 @@ def _driver(argv: list[str]) -> None:
     ap.add_argument("--save-at", type=int, default=0)  # write a checkpoint after this step
     ap.add_argument("--load", default="")  # resume from <load>/<backend>/ckpt (its step is in state.json)
     ap.add_argument("--out", required=True)  # results in <out>/<backend>/
+    ap.add_argument("--pack", action="store_true")  # two samples per micro-step in one packed forward
     ap.add_argument("--extra", nargs="*", default=[])  # recipe overrides
     args = ap.parse_args(argv)
     accelerator = Accelerator(cpu=True)
@@ -99,6 +100,8 @@ def _run(name: str, args, accelerator) -> None:
                 found[f"{n}/fp32"] = safe_get_full_fp32_param(p).reshape(-1).cpu()
         return found
 
+    if args.pack:  # as the loop does, after prepare
+        model.install_packed_attention()
     if args.load and backend is not None:
         loaded = moments()
         if rank == 0:
@@ -113,6 +116,9 @@ def _run(name: str, args, accelerator) -> None:
                             width=64)
         return objective.draw(item, key=index)
 
+    def batch(index):
+        return [sample(index), sample(index + 16)] if args.pack else [sample(index)]
+
     log = []
     model.transformer.train()
     for step in range(start, args.steps):
@@ -121,11 +127,11 @@ def _run(name: str, args, accelerator) -> None:
             # the global batch in the same order for any process count: micro-step major, rank minor
             index = step * world * args.accum + micro * world + rank
             if backend is None:
-                loss, _ = objective.loss([sample(index)])
+                loss, _ = objective.loss(batch(index), packed=args.pack)
                 (loss / args.accum).backward()
             else:
                 with backend.accumulating(last_micro=micro == args.accum - 1):
-                    loss, _ = objective.loss([sample(index)])
+                    loss, _ = objective.loss(batch(index), packed=args.pack)
                     backend.backward(loss / args.accum)
             losses.append(float(loss.detach()))
         skip = args.skip == step + 1
@@ -242,7 +248,8 @@ def test_optimizer_state_reshards_between_process_counts(runs, stage):
     assert any(v.abs().sum() > 0 for k, v in saved.items() if k.endswith("/exp_avg_sq"))
     _close(read("one", stage, "final.safetensors"), read("ref", "plain", "final.safetensors"), "resumed on 1")
     if stage == "zero3":  # and back: written by 1 process, read by 2
-        saved, loaded = read("one", stage, "moments_saved.safetensors"), read("back", stage, "moments_loaded.safetensors")
+        saved = read("one", stage, "moments_saved.safetensors")
+        loaded = read("back", stage, "moments_loaded.safetensors")
         assert saved.keys() == loaded.keys()
         for key in saved:
             assert torch_equal(saved[key], loaded[key]), key

@@ -46,6 +46,11 @@ def _import_deepspeed(device: torch.device):
     except ImportError as err:
         raise UserError("train.distributed.backend=zero2/zero3 needs DeepSpeed: pip install 'cosmos-train[deepspeed]' "
                         f"({err})") from None
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if not hasattr(DeepSpeedEngine, "coalesce_grad_reduction"):  # one reduction per optimizer step needs it
+        raise UserError(f"train.distributed.backend=zero2/zero3 needs deepspeed>=0.19.8 (installed: "
+                        f"{deepspeed.__version__}): pip install -U 'cosmos-train[deepspeed]'")
     if device.type == "cpu":
         # On CPU DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce op on first use (a C++
         # toolchain and over a minute, then cached); gloo does the same job. Its op table is read only there and
@@ -219,9 +224,8 @@ class DeepSpeedBackend(Backend):
     # ---- setup -------------------------------------------------------------------------------------
     def prepare(self, model, groups):
         device = self.accelerator.device
-        # The JSON is checked before anything heavy (and before DeepSpeed is imported: its absence is the
-        # more useful message only once the recipe is right).
-        deepspeed = _import_deepspeed(device)
+        deepspeed = _import_deepspeed(device)  # missing / too old: a UserError
+        # the user's JSON is checked (DeepSpeed's own parser among others) before any engine is built
         self.ds_config = build_config(self.cfg, model.compute_dtype)
         # A process group even for one plain process (gloo on CPU); DeepSpeed adopts an existing one, but insists
         # on LOCAL_RANK, which only launchers set.
@@ -440,7 +444,8 @@ class DeepSpeedBackend(Backend):
             raise UserError(f"{meta_path}: unknown optimizer state format {meta.get('format')!r}")
         mine = {n: list(self._shape(p)) for n, p in self._trained}
         if mine != meta["params"]:
-            differ = sorted(set(mine) ^ set(meta["params"]))[:3] or [n for n in mine if mine[n] != meta["params"].get(n)][:3]
+            differ = (sorted(set(mine) ^ set(meta["params"]))
+                      or [n for n in mine if mine[n] != meta["params"].get(n)])[:3]
             raise UserError(f"{checkpoint}: its optimizer state is for other trained parameters than this recipe's "
                             f"({differ or 'shapes differ'}): resume with the run's recipe")
         keys = meta["state_keys"]
