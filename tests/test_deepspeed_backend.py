@@ -35,6 +35,7 @@ def _driver(argv: list[str]) -> None:
     ap.add_argument("--save-at", type=int, default=0)  # write a checkpoint after this step
     ap.add_argument("--load", default="")  # resume from <load>/<backend>/ckpt (its step is in state.json)
     ap.add_argument("--out", required=True)  # results in <out>/<backend>/
+    ap.add_argument("--no-coalesce", action="store_true")  # DeepSpeed's reduction after every micro-step
     ap.add_argument("--pack", action="store_true")  # two samples per micro-step in one packed forward
     ap.add_argument("--extra", nargs="*", default=[])  # recipe overrides
     args = ap.parse_args(argv)
@@ -78,6 +79,7 @@ def _run(name: str, args, accelerator) -> None:
 
         optimizer, scheduler = build_optimizer(groups, cfg.train)
     else:
+        backend.coalesce = not args.no_coalesce
         optimizer, scheduler = backend.prepare(model, groups)
     if args.load:
         torch_state = torch.load(ckpt / "torch_state.pt", weights_only=False)

@@ -10,6 +10,9 @@
 - Accumulation: ZeRO 2/3 reduce-scatter each backward by default (their gradient partitioning needs it;
   `engine.no_sync` refuses them). Over the micro-steps of an optimizer step the backward passes run inside
   `engine.coalesce_grad_reduction()`: gradients stay local and one reduction runs after the last micro-step.
+  The price: until then every rank holds whole gradients of the trained parameters, as DDP does (nothing for
+  LoRA; for a full finetune that ZeRO-3 barely fits, `coalesce = False` goes back to DeepSpeed's reduce-scatter
+  into the partitioned gradients after every micro-step).
 - Non-finite steps: `skip()` runs DeepSpeed's own overflow path (gradients dropped, no update, fp32 weights and
   moments untouched; the engine counts it in `skipped_steps`), whatever the gradients hold.
 - Checkpoints: every rank writes whole tensors (fp32 master, Adam moments) of a share of the trained parameters
@@ -210,6 +213,7 @@ def build_config(cfg, compute_dtype: torch.dtype) -> dict:
 
 class DeepSpeedBackend(Backend):
     sharded = True
+    coalesce = True  # one gradient reduction per optimizer step (False: one per micro-step, partitioned memory)
 
     def __init__(self, cfg, accelerator):
         super().__init__(cfg, accelerator)
@@ -247,7 +251,7 @@ class DeepSpeedBackend(Backend):
     @contextlib.contextmanager
     def accumulating(self, last_micro):
         engine = self.engine
-        if not last_micro and self._coalescing is None:
+        if self.coalesce and not last_micro and self._coalescing is None:
             # first micro-step of several: keep gradients local until the last one (one reduction per step)
             stack = contextlib.ExitStack()
             stack.enter_context(engine.coalesce_grad_reduction())
@@ -417,17 +421,20 @@ class DeepSpeedBackend(Backend):
         owners = self._owners(world)
         mine = {}
         for name, param in self._trained:  # the same order on every rank: each call is a collective
-            values = {FP32: self._full_fp32(param)}
-            for key in keys:
-                values[key] = safe_get_full_optimizer_state(param, key).detach().reshape(self._shape(param))
-            if owners[name] == rank:
-                mine.update({f"{name}/{k}": v.cpu().contiguous() for k, v in values.items()})
+            for key in [FP32, *keys]:  # one whole tensor on the device at a time
+                value = (self._full_fp32(param) if key == FP32 else
+                         safe_get_full_optimizer_state(param, key).detach().reshape(self._shape(param)))
+                if owners[name] == rank:
+                    mine[f"{name}/{key}"] = value.cpu().contiguous()
+                del value
         save_file(mine, str(directory / f"rank-{rank:05d}.safetensors"))
         if rank == 0:
             meta = {"format": FORMAT, "stage": self.stage, "world_size": world, "state_keys": keys,
                     "group_steps": steps, "params": {n: list(self._shape(p)) for n, p in self._trained},
                     "files": {n: f"rank-{r:05d}.safetensors" for n, r in owners.items()}}
             (directory / OPTIMIZER_META).write_text(json.dumps(meta, indent=1))
+        if world > 1:  # every rank's file is complete when this returns (rank 0 checksums them next)
+            torch.distributed.barrier()
 
     def load_optimizer(self, checkpoint, torch_state):
         """Master weights, moments and step counts from a checkpoint written by any number of processes."""
