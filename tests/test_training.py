@@ -129,8 +129,8 @@ def _train_until(cfg, stop_after):
     class Stop(Exception):
         pass
 
-    def save_then_stop(accelerator, run_dir, step, *args, **kwargs):
-        original(accelerator, run_dir, step, *args, **kwargs)
+    def save_then_stop(accelerator, backend, run_dir, step, *args, **kwargs):
+        original(accelerator, backend, run_dir, step, *args, **kwargs)
         if step == stop_after:
             raise Stop
 
