@@ -433,8 +433,6 @@ class DeepSpeedBackend(Backend):
                     "group_steps": steps, "params": {n: list(self._shape(p)) for n, p in self._trained},
                     "files": {n: f"rank-{r:05d}.safetensors" for n, r in owners.items()}}
             (directory / OPTIMIZER_META).write_text(json.dumps(meta, indent=1))
-        if world > 1:  # every rank's file is complete when this returns (rank 0 checksums them next)
-            torch.distributed.barrier()
 
     def load_optimizer(self, checkpoint, torch_state):
         """Master weights, moments and step counts from a checkpoint written by any number of processes."""
