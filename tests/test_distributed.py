@@ -32,6 +32,9 @@ def test_two_process_torchrun(tmp_path):
     # The concurrent first-use build left exactly one complete tiny checkpoint and no temp directories.
     assert [p.name for p in cache.iterdir()] == ["tiny-cosmos3-v3"]
     assert (cache / "tiny-cosmos3-v3" / "model_index.json").is_file()
+    from cosmos_train.models.layout import layout_problems
+
+    assert layout_problems(cache / "tiny-cosmos3-v3") == []  # each rank built it whole (vision_encoder/ too)
 
     # One checkpoint per saved step, written once (no leftover temp directories from a second writer).
     ckpt_root = run_dir / "checkpoints"

@@ -117,36 +117,51 @@ def _losses(run_dir):
     return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory):
+    """The 1-process DDP reference runs (2 accumulation steps), one per recipe, shared by the back-ends."""
+    runs = {}
+
+    def get(recipe, common):
+        if recipe not in runs:
+            root = tmp_path_factory.mktemp(f"one-{recipe}")
+            _run(["train", *common, f"output_dir={root / 'run'}", "train.grad_accum_steps=2"], root)
+            runs[recipe] = root / "run"
+        return runs[recipe]
+
+    return get
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["t2v_lora", "t2v_full"])
-def test_fsdp2_equals_one_process_and_resumes_on_another_count(tmp_path, recipe):
-    """FSDP2 on 2 processes = DDP on 1 process with 2 accumulation steps; its sharded checkpoint (optimizer state
-    written by both ranks, checksummed) resumes on 1 process to the same weights, and exports."""
+@pytest.mark.parametrize("backend,recipe", [("fsdp2", "t2v_lora"), ("zero3", "t2v_lora"), ("fsdp2", "t2v_full"),
+                                            ("zero2", "t2v_full")])
+def test_sharded_run_equals_one_process_and_resumes_on_another_count(tmp_path, one_process_runs, backend, recipe):
+    """A sharded back-end on 2 processes = DDP on 1 process with 2 accumulation steps. LoRA: its sharded checkpoint
+    (optimizer state written by both ranks, checksummed) resumes on 1 process to the same weights, and exports."""
     steps = 4 if recipe == "t2v_lora" else 2  # full finetuning: the equality only (the rest is the same code)
     common = [str(TINY_RECIPES / f"{recipe}.yaml"), f"train.max_steps={steps}", "train.checkpoint_every=2",
               "train.keep_checkpoints=3", "train.batch_size=1", "train.packing.enabled=false", "data.cache=off",
               "train.device=cpu", "train.warmup_steps=0", "train.lr=1e-2" if recipe == "t2v_lora" else "train.lr=1e-3"]
-    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
-    _run(["train", *common, f"output_dir={one}", "train.grad_accum_steps=2"], tmp_path)
-    _run(["train", *common, f"output_dir={two}", "train.grad_accum_steps=1", "train.distributed.backend=fsdp2"],
-         tmp_path, nproc=2)
+    one = one_process_runs(recipe, common)
+    two, resumed = tmp_path / "two", tmp_path / "resumed"
+    sharded = [*common, f"train.distributed.backend={backend}"]
+    _run(["train", *sharded, f"output_dir={two}", "train.grad_accum_steps=1"], tmp_path, nproc=2)
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
     _assert_close(_weights(two, steps), _weights(one, steps))
     if recipe != "t2v_lora":
         return
-    optimizer = two / "checkpoints" / "step-0000002" / "optimizer"
-    sums = json.loads((optimizer.parent / "checksums.json").read_text())["files"]
-    assert {"optimizer/__0_0.distcp", "optimizer/__1_0.distcp", "optimizer/.metadata"} <= set(sums)
+    sums = json.loads((two / "checkpoints" / "step-0000002" / "checksums.json").read_text())["files"]
+    parts = sorted(name for name in sums if name.startswith("optimizer/"))
+    assert len(parts) >= 2, parts  # written by both ranks
 
-    # interrupted after step 2 (step 4's sharded optimizer state damaged: set aside), continued on 1 process
+    # interrupted after step 2 (a part of step 4's sharded optimizer state damaged: set aside), continued on 1
     shutil.copytree(two, resumed)
-    part = resumed / "checkpoints" / "step-0000004" / "optimizer" / "__1_0.distcp"
+    part = resumed / "checkpoints" / "step-0000004" / parts[-1]
     data = bytearray(part.read_bytes())
     data[len(data) // 2] ^= 0xFF
     part.write_bytes(bytes(data))
-    proc = _run(["train", *common, f"output_dir={resumed}", "train.grad_accum_steps=2",
-                 "train.distributed.backend=fsdp2", "--resume"], tmp_path)
-    assert "optimizer/__1_0.distcp" in proc.stdout and "resuming a run of 2 process(es) on 1" in proc.stdout
+    proc = _run(["train", *sharded, f"output_dir={resumed}", "train.grad_accum_steps=2", "--resume"], tmp_path)
+    assert parts[-1] in proc.stdout and "resuming a run of 2 process(es) on 1" in proc.stdout
     assert (resumed / "checkpoints" / "damaged-step-0000004").is_dir()
     _assert_close(_weights(resumed, 4), _weights(two, 4))
     assert _losses(resumed) == pytest.approx(_losses(two), rel=1e-5)

@@ -322,6 +322,12 @@ def validate(cfg: S.RecipeConfig, where: str = "recipe") -> None:
            "only with backend zero3", d.offload_params)
     _check(not d.deepspeed_config or d.backend in ("zero2", "zero3"), where, "train.distributed.deepspeed_config",
            "only with backend zero2 or zero3", d.deepspeed_config)
+    # ZeRO-3 records the order in which the first step fetches each module's parameters and requires it to be the
+    # same on every rank; packs of different make-up per rank break that (DeepSpeed stops at step 2).
+    _check(not (d.backend == "zero3" and t.packing.enabled), where, "train.packing.enabled",
+           "false with train.distributed.backend=zero3 (ZeRO-3 needs every rank to use the model's modules in the same "
+           "order each step, which packs of different make-up break); or use backend fsdp2, which packs",
+           t.packing.enabled)
     _check(cfg.logging.wandb_mode in ("offline", "online"), where, "logging.wandb_mode", "offline or online",
            cfg.logging.wandb_mode)
     validate_seeing(cfg, where)

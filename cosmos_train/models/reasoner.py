@@ -308,6 +308,11 @@ class Cosmos3Reasoner:
         """The trainable network (named like the generator adapter's, for shared trainer code)."""
         return self.model
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The frozen base's dtype (trained weights may be fp32 masters): what sharded back-ends compute in."""
+        return self.model.get_input_embeddings().weight.dtype
+
     def to(self, device) -> "Cosmos3Reasoner":
         self.model.to(device)
         return self

@@ -572,7 +572,7 @@ def write_tiny_reasoner(root: Path, pipe, seed: int = 0) -> None:
     clash = sorted(set(tower.state_dict()) & transformer_keys)
     if clash:
         raise RuntimeError(f"tiny: vision keys {clash[:3]} collide with transformer keys")
-    tower.save_pretrained(root / VISION_DIR, safe_serialization=True)
+    _save_vision_tower(tower, root / VISION_DIR)
     (root / "config.json").write_text(json.dumps(released_root_config(config), indent=2, sort_keys=True) + "\n")
     write_root_index(root)
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
@@ -585,6 +585,20 @@ def write_tiny_reasoner(root: Path, pipe, seed: int = 0) -> None:
                                                                     sort_keys=True) + "\n")
     (root / "checkpoint.json").write_text("{}\n")
     (root / "README.md").write_text(TINY_MODEL_CARD)
+
+
+def _save_vision_tower(tower, directory: Path) -> None:
+    """What `tower.save_pretrained` writes (config.json + model.safetensors), written by this process whatever its
+    rank: transformers' save_pretrained writes nothing on a rank other than 0 of an initialized process group, and
+    every rank of a multi-process run may build the tiny checkpoint (the first to finish renames it into place)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tower.config.architectures = [type(tower).__name__]
+    tower.config.dtype = tower.dtype
+    tower.config.save_pretrained(directory)
+    save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def _released_tokenizer_files(root: Path, tokenizer) -> None:

@@ -172,6 +172,13 @@ def rebuild_groups(groups: list[dict], before: dict[int, str], module: torch.nn.
     return [{**g, "params": [now[before[id(p)]] for p in g["params"]]} for g in groups]
 
 
+def shard_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a network, each sharded as one unit: the generator transformer's decoder `layers`,
+    the reasoner's language-model `layers` and vision `blocks` (what is left shards with the root)."""
+    return [block for name, child in module.named_modules() if isinstance(child, torch.nn.ModuleList)
+            and name.rsplit(".", 1)[-1] in ("layers", "blocks") for block in child]
+
+
 class FSDP2Backend(Backend):
     name = "fsdp2"
     sharded = True
@@ -198,7 +205,7 @@ class FSDP2Backend(Backend):
         policy = MixedPrecisionPolicy(param_dtype=base if base != torch.float32 else None, reduce_dtype=torch.float32)
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
         reshard = self.cfg.train.distributed.reshard_after_forward
-        for layer in transformer.layers:  # one all-gather / reduce-scatter unit per decoder layer
+        for layer in shard_units(transformer):  # one all-gather / reduce-scatter unit per decoder layer
             fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(transformer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         self.module = transformer
