@@ -270,7 +270,8 @@ def _cfg(tmp_path, text: str | None, name="ds.json"):
     path = tmp_path / name
     if text is not None:
         path.write_text(text)
-    return load_recipe(RECIPE, ["train.distributed.backend=zero3", f"train.distributed.deepspeed_config={path}"]), path
+    return load_recipe(RECIPE, ["train.distributed.backend=zero3", "train.packing.enabled=false",
+                               f"train.distributed.deepspeed_config={path}"]), path
 
 
 @pytest.mark.parametrize("text, message", [

@@ -123,11 +123,12 @@ def one_process_runs(tmp_path_factory):
     runs = {}
 
     def get(recipe, common):
-        if recipe not in runs:
+        key = tuple(common)
+        if key not in runs:
             root = tmp_path_factory.mktemp(f"one-{recipe}")
             _run(["train", *common, f"output_dir={root / 'run'}", "train.grad_accum_steps=2"], root)
-            runs[recipe] = root / "run"
-        return runs[recipe]
+            runs[key] = root / "run"
+        return runs[key]
 
     return get
 
@@ -171,11 +172,24 @@ def test_sharded_run_equals_one_process_and_resumes_on_another_count(tmp_path, o
     assert (tmp_path / "export" / "model_index.json").is_file()
 
 
+@pytest.mark.slow
+def test_one_process_fsdp2_with_the_base_offloaded_equals_ddp(tmp_path, one_process_runs):
+    """One process, parameters in CPU memory between uses (train.distributed.offload_params, the one-GPU path for a
+    base larger than the GPU): the same training as DDP."""
+    common = [str(TINY_RECIPES / "t2v_lora.yaml"), "train.max_steps=4", "train.checkpoint_every=2",
+              "train.keep_checkpoints=3", "train.batch_size=1", "train.packing.enabled=false", "data.cache=off",
+              "train.device=cpu", "train.warmup_steps=0", "train.lr=1e-2"]
+    one = one_process_runs("t2v_lora", common)
+    run = tmp_path / "offloaded"
+    _run(["train", *common, f"output_dir={run}", "train.grad_accum_steps=2", "train.distributed.backend=fsdp2",
+          "train.distributed.offload_params=true"], tmp_path)
+    assert _losses(run) == pytest.approx(_losses(one), rel=1e-5)
+    _assert_close(_weights(run, 4), _weights(one, 4))
+
+
 def test_every_rank_has_the_same_gradients_whatever_its_batch_holds(tiny_dir, tmp_path):
     """A rank whose batch has no sound still gets (zero) gradients for the sound heads: sharded back-ends reduce
     gradients tensor by tensor and abort / hang when ranks disagree on which exist."""
-    import torch
-
     from cosmos_train.config import load_recipe
     from cosmos_train.data import GeneratorDataset, read_manifest
     from cosmos_train.models import load_model
@@ -203,3 +217,20 @@ def test_every_rank_has_the_same_gradients_whatever_its_batch_holds(tiny_dir, tm
     after = grads()
     assert all(g is not None for g in after.values())
     assert all(float(after[n].abs().sum()) == 0.0 for n in heads)  # ... and now are, with zero gradients
+
+
+@pytest.mark.parametrize("recipe,overrides,key", [
+    ("t2v_lora.yaml", [], "train.packing.enabled"),
+    ("t2v_sound.yaml", ["train.packing.enabled=false"], "generator.sound"),
+    ("action_policy.yaml", ["train.packing.enabled=false"], "action.modes"),
+    ("reasoner_caption.yaml", ["train.packing.enabled=false"], "objective"),
+])
+def test_zero3_refuses_what_makes_ranks_call_different_modules(recipe, overrides, key):
+    """ZeRO-3 gathers a module's weights when it is called and aborts when ranks call different modules: recipes
+    that would (packs, sound on some clips, mixed action modes, images on some conversations) are refused up front,
+    naming the key; the same recipe is accepted with fsdp2."""
+    from cosmos_train.config import load_recipe
+
+    with pytest.raises(UserError, match=rf"'{key}'.*fsdp2"):
+        load_recipe(TINY_RECIPES / recipe, ["train.distributed.backend=zero3", *overrides])
+    load_recipe(TINY_RECIPES / recipe, ["train.distributed.backend=fsdp2", *overrides])

@@ -318,19 +318,38 @@ def validate(cfg: S.RecipeConfig, where: str = "recipe") -> None:
            f"one of {', '.join(S.DISTRIBUTED_BACKENDS)}", d.backend)
     _check(not d.offload_optimizer or d.backend in ("zero2", "zero3"), where, "train.distributed.offload_optimizer",
            "only with backend zero2 or zero3", d.offload_optimizer)
-    _check(not d.offload_params or d.backend == "zero3", where, "train.distributed.offload_params",
-           "only with backend zero3", d.offload_params)
+    _check(not d.offload_params or d.backend in ("zero3", "fsdp2"), where, "train.distributed.offload_params",
+           "only with backend zero3 or fsdp2", d.offload_params)
     _check(not d.deepspeed_config or d.backend in ("zero2", "zero3"), where, "train.distributed.deepspeed_config",
            "only with backend zero2 or zero3", d.deepspeed_config)
-    # ZeRO-3 records the order in which the first step fetches each module's parameters and requires it to be the
-    # same on every rank; packs of different make-up per rank break that (DeepSpeed stops at step 2).
-    _check(not (d.backend == "zero3" and t.packing.enabled), where, "train.packing.enabled",
-           "false with train.distributed.backend=zero3 (ZeRO-3 needs every rank to use the model's modules in the same "
-           "order each step, which packs of different make-up break); or use backend fsdp2, which packs",
-           t.packing.enabled)
+    if d.backend == "zero3":
+        _check_zero3(cfg, where)
     _check(cfg.logging.wandb_mode in ("offline", "online"), where, "logging.wandb_mode", "offline or online",
            cfg.logging.wandb_mode)
     validate_seeing(cfg, where)
+
+
+def _check_zero3(cfg: S.RecipeConfig, where: str) -> None:
+    """ZeRO-3 gathers each module's parameters when it is called and needs every rank to call the same modules in
+    the same order each step (it records the first step's order and checks it across ranks). Cosmos 3's forward
+    calls some modules only for some inputs (the sound heads, the vision tower, an extra time embedding for noisy
+    actions), and packs differ per rank: what would make ranks diverge is refused here, pointing to fsdp2."""
+    fix = "or use train.distributed.backend=fsdp2, which has no such limit"
+    _check(not cfg.train.packing.enabled, where, "train.packing.enabled",
+           f"false with train.distributed.backend=zero3 (packs of different make-up per rank); {fix}",
+           cfg.train.packing.enabled)
+    _check(cfg.objective != "reasoner", where, "objective",
+           "not reasoner with train.distributed.backend=zero3 (samples with and without images call different "
+           "modules); use backend fsdp2 or zero2", cfg.objective)
+    _check(cfg.generator.sound != "auto", where, "generator.sound",
+           f"off or require with train.distributed.backend=zero3 (clips with and without sound call different "
+           f"modules); {fix}", cfg.generator.sound)
+    if cfg.action is not None:
+        modes = cfg.action.modes
+        used = [m for m in S.ACTION_MODES if getattr(modes, m) > 0]
+        _check(len(used) == 1, where, "action.modes",
+               f"a single mode with train.distributed.backend=zero3 (modes with noisy and clean actions call "
+               f"different modules); {fix}", {m: getattr(modes, m) for m in S.ACTION_MODES})
 
 
 def validate_action(cfg: S.RecipeConfig, where: str = "recipe") -> None:

@@ -173,7 +173,7 @@ class DistributedConfig:
     Chosen here, in the recipe; torchrun / accelerate launch / srun only start the processes."""
     backend: str = "ddp"  # ddp | fsdp2 | zero2 | zero3 (DeepSpeed ZeRO stage 2 / 3)
     offload_optimizer: bool = False  # zero2 / zero3: optimizer state and its update in CPU memory
-    offload_params: bool = False  # zero3: parameters in CPU memory between uses
+    offload_params: bool = False  # zero3 / fsdp2: parameters in CPU memory between uses (one layer on the GPU)
     reshard_after_forward: bool = True  # fsdp2: free a layer's gathered weights after its forward
     deepspeed_config: Optional[str] = None  # zero2 / zero3: a DeepSpeed JSON merged over the generated config
 

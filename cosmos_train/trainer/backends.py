@@ -173,10 +173,12 @@ def rebuild_groups(groups: list[dict], before: dict[int, str], module: torch.nn.
 
 
 def shard_units(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a network, each sharded as one unit: the generator transformer's decoder `layers`,
-    the reasoner's language-model `layers` and vision `blocks` (what is left shards with the root)."""
+    """The decoder layers of a network (the generator transformer's, the reasoner's language model's), each sharded
+    as one unit; the rest shards with the root. Each unit is gathered when it is called, so every rank must call
+    the same units: the decoder layers run for every input, where the reasoner's vision blocks run only for
+    samples with images (they gather with the root, which every forward enters)."""
     return [block for name, child in module.named_modules() if isinstance(child, torch.nn.ModuleList)
-            and name.rsplit(".", 1)[-1] in ("layers", "blocks") for block in child]
+            and name.rsplit(".", 1)[-1] == "layers" for block in child]
 
 
 class FSDP2Backend(Backend):
@@ -204,10 +206,17 @@ class FSDP2Backend(Backend):
         base = model.compute_dtype
         policy = MixedPrecisionPolicy(param_dtype=base if base != torch.float32 else None, reduce_dtype=torch.float32)
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-        reshard = self.cfg.train.distributed.reshard_after_forward
+        options = {"mesh": mesh, "mp_policy": policy,
+                   "reshard_after_forward": self.cfg.train.distributed.reshard_after_forward}
+        if self.cfg.train.distributed.offload_params:
+            # every shard (frozen base and trained weights) in CPU memory, copied to the device one layer at a time;
+            # the optimizer then steps on the CPU: the one-GPU way to train over a base larger than the GPU
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
         for layer in shard_units(transformer):  # one all-gather / reduce-scatter unit per decoder layer
-            fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-        fully_shard(transformer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+            fully_shard(layer, **options)
+        fully_shard(transformer, **options)
         self.module = transformer
         model.forward_module = transformer
         self.optimizer, scheduler = build_optimizer(rebuild_groups(groups, names, transformer), self.cfg.train)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from cosmos_train.errors import UserError
-from cosmos_train.trainer.backends import SHARDED_OPTIMIZER, Backend, ensure_process_group
+from cosmos_train.trainer.backends import SHARDED_OPTIMIZER, Backend, anchor, ensure_process_group
 from cosmos_train.trainer.optim import build_optimizer
 
 OPTIMIZER_META = "deepspeed_optimizer.json"  # in SHARDED_OPTIMIZER/: layout, step counts, which file holds what
@@ -237,6 +237,7 @@ class DeepSpeedBackend(Backend):
         os.environ.setdefault("LOCAL_RANK", str(self.accelerator.local_process_index))
         optimizer, scheduler = build_optimizer(groups, self.cfg.train)
         transformer = model.transformer
+        anchor(model)  # every rank reduces the same gradients, whatever its batch holds
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=transformer, optimizer=optimizer,
                                                           config=self.ds_config, dist_init_required=False)
         self.engine, self.module, self.optimizer = engine, engine, ds_optimizer
