@@ -14,7 +14,8 @@ finetuning, 4 x for LoRA, attention not counted; `trainer.metrics`) and peak mem
 written to --out (default bench/gpu_results.md) with the date and device. Targets (issue #9, one H100-class
 GPU): LoRA at 480p MFU >= 40 %, peak memory <= 45 GB with the bf16 base. `lora-int8` rows are LoRA over an int8
 weight-only frozen base (`model.quantize_base: int8`, cosmos_train/models/quantize.py): same adapters, same
-FLOPs counted as LoRA.
+FLOPs counted as LoRA. `full-fsdp2` rows are full finetuning through the trainer's fsdp2 back-end on the one GPU
+(`train.distributed.backend: fsdp2`): bf16 compute over fp32 master weights, instead of fp32 trained modules.
 
 A second table measures the packed attention's memory against the number of samples in a pack, per attention
 backend (per-sample SDPA, the dense-mask reference, flex on CUDA): per-sample SDPA and flex stay linear.
@@ -90,7 +91,9 @@ def run_case(model_args, method: str, tier: int, frames: int, checkpointing: boo
     from cosmos_train.trainer.adapters import is_gen_param, setup_trainable
     from cosmos_train.trainer.optim import build_optimizer
 
-    quantize = method.split("-")[1] if "-" in method else None  # lora-int8: LoRA over an int8 base
+    variant = method.split("-")[1] if "-" in method else None
+    quantize = variant if variant in ("int8", "fp8") else None  # lora-int8: LoRA over an int8 base
+    sharded = variant == "fsdp2"  # full-fsdp2: FSDP2 on this one GPU (bf16 compute over fp32 masters)
     method = method.split("-")[0]
     model = build_transformer(*model_args)
     if quantize:
@@ -99,6 +102,13 @@ def run_case(model_args, method: str, tier: int, frames: int, checkpointing: boo
         quantize_frozen_base(model, quantize, device)
         warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")  # PEFT: no merge wanted here
     params = setup_trainable(model, train_cfg(method))
+    if sharded:  # the trainer's fsdp2 back-end, one process (trainer/backends.py)
+        from cosmos_train.trainer.backends import ensure_process_group, fully_shard_layers, rebuild_groups
+
+        names = {id(p): n for n, p in model.named_parameters()}
+        started = ensure_process_group(torch.device(device))
+        fully_shard_layers(model, torch.device(device), model_args[3])
+        params = rebuild_groups([{"params": params}], names, model)
     optimizer, _ = build_optimizer(params, train_cfg(method))
     if checkpointing:
         model.enable_gradient_checkpointing()
@@ -134,12 +144,14 @@ def run_case(model_args, method: str, tier: int, frames: int, checkpointing: boo
         torch.cuda.synchronize()
     dt = (time.perf_counter() - start) / steps
     flops = M.flops_per_token(M.forward_params(model, is_gen_param), method)
-    result = {"method": f"{method}-{quantize}" if quantize else method, "tier": f"{tier}p", "frames": frames,
+    result = {"method": f"{method}-{variant}" if variant else method, "tier": f"{tier}p", "frames": frames,
               "checkpointing": checkpointing, "packed": packed, "tokens": tokens, "step_s": dt, "tokens_per_s": tokens / dt,
               "mfu": M.mfu(tokens / dt, flops, M.peak_flops(torch.device(device))),
               "peak_gb": M.peak_memory_gb(torch.device(device))}
     if cuda:
         torch.cuda.empty_cache()
+    if sharded and started:
+        torch.distributed.destroy_process_group()
     return result
 
 
@@ -247,7 +259,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case (after one warm-up step)")
     parser.add_argument("--frames", type=int, default=93)
     parser.add_argument("--tiers", default="256,480")
-    parser.add_argument("--methods", default="lora,lora-int8,full")
+    parser.add_argument("--methods", default="lora,lora-int8,full,full-fsdp2")
     parser.add_argument("--attention-samples", default="1,2,4,8",
                         help="samples per pack for the packed attention memory table ('' to skip)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "gpu_results.md"))

@@ -13,8 +13,9 @@ def test_gpu_benchmark_runs_on_cpu_with_the_tiny_config(tmp_path):
     assert bench.main(["--tiny", "--device", "cpu", "--steps", "1", "--frames", "9", "--tiers", "256",
                        "--out", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| lora") or line.startswith("| full")]
-    # lora / lora-int8 (LoRA over an int8 base) / full x grad ckpt on/off x packed on/off
-    assert len(rows) == 12 and not any("failed" in r for r in rows)
+    # lora / lora-int8 (LoRA over an int8 base) / full / full-fsdp2 x grad ckpt on/off x packed on/off
+    assert len(rows) == 16 and not any("failed" in r for r in rows)
+    assert sum(r.startswith("| full-fsdp2 |") for r in rows) == 4
     assert sum(r.startswith("| lora-int8 |") for r in rows) == 4
     packed = [r for r in rows if r.split("|")[5].strip() == "True"]
     single = [r for r in rows if r.split("|")[5].strip() == "False"]

@@ -149,21 +149,21 @@ class DDPBackend(Backend):
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
-def ensure_process_group(device: torch.device) -> None:
+def ensure_process_group(device: torch.device) -> bool:
     """Sharding needs a process group even for one process (a plain `python` / `cosmos-train train` run):
-    start a one-rank group on a free local port when the launcher did not."""
+    start a one-rank group on a free local port when the launcher did not. True when it started one."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return
+        return False
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+    return True
 
 
 def rebuild_groups(groups: list[dict], before: dict[int, str], module: torch.nn.Module) -> list[dict]:
@@ -181,14 +181,32 @@ def shard_units(module: torch.nn.Module) -> list[torch.nn.Module]:
             and name.rsplit(".", 1)[-1] == "layers" for block in child]
 
 
+def fully_shard_layers(transformer, device: torch.device, compute_dtype: torch.dtype, *, reshard: bool = True,
+                       offload: bool = False) -> None:
+    """FSDP2 over the current process group: each decoder layer one unit, the rest with the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    # bf16 compute over fp32 master weights: trained fp32 parameters are gathered as the base's dtype, their
+    # gradients reduced in fp32; an fp32 base computes in fp32.
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype if compute_dtype != torch.float32 else None,
+                                  reduce_dtype=torch.float32)
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    options = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": reshard}
+    if offload:
+        # every shard (frozen base and trained weights) in CPU memory, copied to the device one layer at a time;
+        # the optimizer then steps on the CPU: the one-GPU way to train over a base larger than the GPU
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    for layer in shard_units(transformer):  # one all-gather / reduce-scatter unit per decoder layer
+        fully_shard(layer, **options)
+    fully_shard(transformer, **options)
+
+
 class FSDP2Backend(Backend):
     name = "fsdp2"
     sharded = True
 
     def prepare(self, model, groups):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        from torch.distributed.device_mesh import init_device_mesh
-
         device = self.accelerator.device
         ensure_process_group(device)
         transformer = model.transformer
@@ -201,22 +219,9 @@ class FSDP2Backend(Backend):
                 for group in groups:
                     for param in group["params"]:
                         torch.distributed.broadcast(param.data, src=0)  # on the device already
-        # bf16 compute over fp32 master weights: trained fp32 parameters are gathered as the base's dtype, their
-        # gradients reduced in fp32; an fp32 base computes in fp32.
-        base = model.compute_dtype
-        policy = MixedPrecisionPolicy(param_dtype=base if base != torch.float32 else None, reduce_dtype=torch.float32)
-        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-        options = {"mesh": mesh, "mp_policy": policy,
-                   "reshard_after_forward": self.cfg.train.distributed.reshard_after_forward}
-        if self.cfg.train.distributed.offload_params:
-            # every shard (frozen base and trained weights) in CPU memory, copied to the device one layer at a time;
-            # the optimizer then steps on the CPU: the one-GPU way to train over a base larger than the GPU
-            from torch.distributed.fsdp import CPUOffloadPolicy
-
-            options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
-        for layer in shard_units(transformer):  # one all-gather / reduce-scatter unit per decoder layer
-            fully_shard(layer, **options)
-        fully_shard(transformer, **options)
+        dist = self.cfg.train.distributed
+        fully_shard_layers(transformer, device, model.compute_dtype, reshard=dist.reshard_after_forward,
+                           offload=dist.offload_params)
         self.module = transformer
         model.forward_module = transformer
         self.optimizer, scheduler = build_optimizer(rebuild_groups(groups, names, transformer), self.cfg.train)
