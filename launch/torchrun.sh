@@ -5,7 +5,7 @@
 #   launch/torchrun.sh RECIPE [NPROC] [key.path=value ...] [--resume]
 #
 #   launch/torchrun.sh recipes/nano/generator_lora_480p.yaml            # one process per GPU (DDP)
-#   launch/torchrun.sh recipes/nano/generator_full_480p.yaml 8 train.distributed.backend=zero3
+#   launch/torchrun.sh recipes/nano/generator_full_480p.yaml 8 train.distributed.backend=zero3 train.packing.enabled=false
 #   launch/torchrun.sh recipes/tiny/t2v_lora.yaml 2 train.max_steps=20 train.device=cpu  # 2 CPU processes (gloo)
 #
 # NPROC defaults to the GPUs in CUDA_VISIBLE_DEVICES, else the GPUs nvidia-smi lists, else 1.
