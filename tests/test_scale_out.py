@@ -173,18 +173,31 @@ def test_sharded_run_equals_one_process_and_resumes_on_another_count(tmp_path, o
 
 
 @pytest.mark.slow
-def test_one_process_fsdp2_with_the_base_offloaded_equals_ddp(tmp_path, one_process_runs):
-    """One process, parameters in CPU memory between uses (train.distributed.offload_params, the one-GPU path for a
-    base larger than the GPU): the same training as DDP."""
-    common = [str(TINY_RECIPES / "t2v_lora.yaml"), "train.max_steps=4", "train.checkpoint_every=2",
-              "train.keep_checkpoints=3", "train.batch_size=1", "train.packing.enabled=false", "data.cache=off",
-              "train.device=cpu", "train.warmup_steps=0", "train.lr=1e-2"]
-    one = one_process_runs("t2v_lora", common)
-    run = tmp_path / "offloaded"
-    _run(["train", *common, f"output_dir={run}", "train.grad_accum_steps=2", "train.distributed.backend=fsdp2",
-          "train.distributed.offload_params=true"], tmp_path)
-    assert _losses(run) == pytest.approx(_losses(one), rel=1e-5)
-    _assert_close(_weights(run, 4), _weights(one, 4))
+def test_fsdp2_validates_samples_and_keeps_an_ema_like_one_process(tmp_path, one_process_runs):
+    """Held-out loss, samples and the EMA of a sharded run (every rank takes part in the forwards, rank 0 writes),
+    with the base offloaded to CPU memory between uses (train.distributed.offload_params, the one-GPU path for a
+    base larger than the GPU): the same as a 1-process DDP run."""
+    from safetensors.torch import load_file
+
+    common = [str(TINY_RECIPES / "t2v_lora.yaml"), "train.max_steps=4", "train.checkpoint_every=4",
+              "train.batch_size=1", "train.packing.enabled=false", "data.cache=off", "train.device=cpu",
+              "validation.every=2", f"validation.manifest={REPO / 'data' / 'samples' / 'manifest.jsonl'}",
+              "validation.max_samples=2", "validation.prompts=[A red circle moves.]", "validation.sample_frames=9",
+              "validation.sample_steps=2", "train.ema_decay=0.9"]
+    one = one_process_runs("t2v_lora-validated", common)
+    run = tmp_path / "sharded"
+    _run(["train", *common, f"output_dir={run}", "train.grad_accum_steps=1", "train.distributed.backend=fsdp2",
+          "train.distributed.offload_params=true"], tmp_path, nproc=2)
+
+    def validation(run_dir):
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["val_loss"] for r in rows if "val_loss" in r]
+
+    assert len(validation(run)) == 2 and validation(run) == pytest.approx(validation(one), rel=1e-5)
+    assert sorted(p.name for p in (run / "samples" / "step-0000004").iterdir()) == ["00.mp4", "samples.json"]
+    ema = [load_file(str(d / "checkpoints" / "step-0000004" / "ema.safetensors")) for d in (run, one)]
+    _assert_close(*ema)
+    assert any(float((ema[0][k] - _weights(run, 4)[k]).abs().max()) > 1e-4 for k in ema[0])  # an average, not a copy
 
 
 def test_every_rank_has_the_same_gradients_whatever_its_batch_holds(tiny_dir, tmp_path):
@@ -234,3 +247,15 @@ def test_zero3_refuses_what_makes_ranks_call_different_modules(recipe, overrides
     with pytest.raises(UserError, match=rf"'{key}'.*fsdp2"):
         load_recipe(TINY_RECIPES / recipe, ["train.distributed.backend=zero3", *overrides])
     load_recipe(TINY_RECIPES / recipe, ["train.distributed.backend=fsdp2", *overrides])
+
+
+def test_deepspeed_refuses_what_runs_the_model_on_one_process():
+    from cosmos_train.config import load_recipe
+    from cosmos_train.trainer.backends import check_supported
+
+    cfg = load_recipe(TINY_RECIPES / "t2v_lora.yaml", ["train.distributed.backend=zero2", "train.ema_decay=0.99",
+                                                       "validation.every=5", "validation.prompts=[a cat]"])
+    with pytest.raises(UserError, match=r"backend=zero2: train.ema_decay, validation.every .*ddp or fsdp2"):
+        check_supported(cfg)
+    cfg.train.distributed.backend = "fsdp2"
+    check_supported(cfg)

@@ -20,7 +20,6 @@ environment rather than the recipe, and do not size CPU (gloo) runs right, which
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
@@ -43,10 +42,10 @@ def make_backend(cfg, accelerator) -> "Backend":
 
 
 def check_supported(cfg) -> None:
-    """Features that run a model forward on rank 0 alone (held-out evaluation, EMA of the trainable weights)
-    cannot run on a sharded model yet: refused up front, naming the keys."""
+    """Held-out evaluation and the EMA of the trained weights run on every rank with fsdp2 (the sharded model needs
+    all of them for a forward); with DeepSpeed they are not supported yet: refused up front, naming the keys."""
     backend = cfg.train.distributed.backend
-    if backend == "ddp":
+    if backend in ("ddp", "fsdp2"):
         return
     clashes = []
     if cfg.train.ema_decay:
@@ -56,13 +55,15 @@ def check_supported(cfg) -> None:
     if cfg.action is not None and cfg.action.val_episodes > 0 and cfg.action.eval_windows > 0:
         clashes.append("action.eval_windows (with action.val_episodes > 0)")
     if clashes:
-        raise UserError(f"train.distributed.backend={backend}: {', '.join(clashes)} need(s) the ddp back-end for "
-                        f"now (they run the model on one process); set them to 0 / null, or use backend=ddp")
+        raise UserError(f"train.distributed.backend={backend}: {', '.join(clashes)} need(s) the ddp or fsdp2 "
+                        f"back-end for now; set them to 0 / null, or use backend=ddp or fsdp2")
 
 
 class Backend:
     name = "ddp"
     sharded = False  # True: the optimizer state is written by every rank, into SHARDED_OPTIMIZER/
+    # True: a forward needs every rank (sharded weights): held-out evaluation runs on all of them, rank 0 writes
+    evaluates_on_every_rank = False
 
     def __init__(self, cfg, accelerator):
         self.cfg, self.accelerator = cfg, accelerator
@@ -205,6 +206,7 @@ def fully_shard_layers(transformer, device: torch.device, compute_dtype: torch.d
 class FSDP2Backend(Backend):
     name = "fsdp2"
     sharded = True
+    evaluates_on_every_rank = True
 
     def prepare(self, model, groups):
         device = self.accelerator.device

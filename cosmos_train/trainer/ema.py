@@ -47,6 +47,19 @@ class EMA:
         self.shadow = [p.detach().to(torch.float32).clone() for p in self.params]
         self._update = get_ema_multi_avg_fn(self.decay)
 
+    def rebind(self, params) -> None:
+        """The parameters a back-end put in place of the originals (same order): an fsdp2 shard (DTensor) gets its
+        shadow sharded the same way (each rank keeps the EMA of its own shard)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = list(params)
+        if len(params) != len(self.params):
+            raise ValueError(f"EMA: {len(params)} parameters to rebind, {len(self.params)} tracked")
+        for i, p in enumerate(params):
+            if isinstance(p, DTensor) and not isinstance(self.shadow[i], DTensor):
+                self.shadow[i] = distribute_tensor(self.shadow[i].to(p.device), p.device_mesh, p.placements)
+        self.params = params
+
     @torch.no_grad()
     def update(self) -> None:
         """After `optimizer.step()`: shadow <- decay * shadow + (1 - decay) * weights."""
@@ -88,11 +101,13 @@ class EMA:
                 s.copy_(saved)
         self.num_updates = int(state.get("num_updates", 0))
 
-    def export_state(self, model, cfg) -> dict[str, torch.Tensor]:
+    def export_state(self, model, cfg, gather=None) -> dict[str, torch.Tensor]:
         """The EMA weights in the keys of `model.trainable_state_dict(cfg)` (trainable.safetensors): what the loop
-        writes as ema.safetensors."""
+        writes as ema.safetensors. `gather(model, cfg)`: the back-end's whole-tensor state dict (sharded weights:
+        a collective every rank calls; the main one gets the tensors)."""
         with self.swap():
-            return {k: v.detach().cpu().clone().contiguous() for k, v in model.trainable_state_dict(cfg).items()}
+            state = (gather or (lambda m, c: m.trainable_state_dict(c)))(model, cfg)
+            return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
     def load_export_state(self, model, cfg, weights: dict[str, torch.Tensor], num_updates: int | None = None) -> None:
         """Resume: the shadow from an ema.safetensors (`export_state`'s keys); the parameters are untouched."""

@@ -472,6 +472,8 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
     # The back-end wraps the transformer and builds the optimizer over what it trains; the schedule is built over
     # train.max_steps (a resumed run may only change that as _check_schedule allows).
     optimizer, lr_scheduler = backend.prepare(model, groups)
+    if ema is not None:  # the parameters the back-end trains (fsdp2: shards), in the order EMA tracked them
+        ema.rebind(p for group in optimizer.param_groups for p in group["params"])
     if resuming:
         backend.load_optimizer(found, torch_state)
         lr_scheduler.load_state_dict(torch_state["lr_scheduler"])
@@ -522,13 +524,15 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
         _trim_metrics(run_dir, step)  # each step once: rows a killed run logged past its last checkpoint go
     metrics = MetricsLogger(run_dir, cfg.logging, json.loads(json.dumps(_plain(cfg))), enabled=is_main)
     evaluator = None
-    if is_main and cfg.action is not None and cfg.action.val_episodes > 0 and cfg.action.eval_windows > 0:
+    # the main process evaluates; on a sharded model (fsdp2) every rank takes part and the main one reports
+    evaluates = is_main or backend.evaluates_on_every_rank
+    if evaluates and cfg.action is not None and cfg.action.val_episodes > 0 and cfg.action.eval_windows > 0:
         from cosmos_train.trainer.validation import ActionEvaluator
 
         evaluator = ActionEvaluator(cfg, model, data.dataset.windows.normalizer)
     # held-out loss / samples (README "Seeing the run"), on the main process; bad held-out data fail here
     validation = build_validation(cfg, model, objective, normalizer=data.dataset.windows.normalizer
-                                  if cfg.action is not None else None) if is_main else None
+                                  if cfg.action is not None else None, write=is_main) if evaluates else None
     flops_per_token = M.flops_per_token(M.forward_params(
         model.transformer, is_gen_param if cfg.objective == "generator" else None), cfg.train.method)
     peak_flops = M.peak_flops(accelerator.device)
@@ -540,7 +544,8 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
                           "skipped_steps": skipped_steps, "nonfinite_consecutive": consecutive,
                           "schedule_steps": cfg.train.max_steps,
                           **({"ema_updates": ema.num_updates} if ema is not None else {})},
-              extra_tensors={EMA_WEIGHTS: ema.export_state(model, cfg)} if ema is not None else None)
+              extra_tensors={EMA_WEIGHTS: ema.export_state(model, cfg, backend.trainable_state_dict)}
+              if ema is not None else None)
         return ckpt.checkpoint_dir(run_dir) / ckpt.step_name(at_step)
 
     # ---- loop ----------------------------------------------------------------------------------
@@ -627,9 +632,10 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
                 values, media = validation(step, run_dir)
                 metrics.log(step, values)
                 metrics.log_media(step, media)
-                tqdm.write(f"step {step} validation: " + "  ".join(
-                    f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float) and k.count("_") <= 1)
-                    + (f"  ({len(media)} samples in {run_dir / 'samples'})" if media else ""))
+                if is_main:
+                    tqdm.write(f"step {step} validation: " + "  ".join(
+                        f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float) and k.count("_") <= 1)
+                        + (f"  ({len(media)} samples in {run_dir / 'samples'})" if media else ""))
             if step % cfg.train.log_every == 0 or step == 1:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", it_s=f"{1 / dt:.1f}")
             bar.update(1)
@@ -650,8 +656,9 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
                 if evaluator:
                     values = evaluator()
                     metrics.log(step, values)
-                    tqdm.write(f"step {step} held-out action error: "
-                               + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+                    if is_main:
+                        tqdm.write(f"step {step} held-out action error: "
+                                   + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
                 save(step)
                 saved = True
             if accelerator.num_processes == 1:

@@ -347,8 +347,10 @@ class GeneratorValidator:
         from cosmos_train.inference import choose_prompt, generate_clip, write_mp4, write_mp4_with_sound
 
         v = self.cfg.validation
+        write = getattr(self, "write", True)
         out_dir = Path(run_dir) / "samples" / f"step-{step:07d}"
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if write:
+            out_dir.mkdir(parents=True, exist_ok=True)
         pipe = self.model.pipe
         choice = choose_prompt(self.objective.prompt_format)
         sound = (self.cfg.generator.sound != "off" and self.sample_frames > 1
@@ -367,6 +369,8 @@ class GeneratorValidator:
                 clip = generate_clip(pipe, prompt, num_frames=self.sample_frames, height=height, width=width, fps=fps,
                                      steps=int(v.sample_steps), guidance=float(v.sample_guidance), seed=i, image=image,
                                      prompt_choice=choice, enable_sound=sound)
+                if not write:
+                    continue
                 if self.sample_frames == 1:
                     path = out_dir / f"{i:02d}.png"
                     Image.fromarray((np.clip(clip.frames[0], 0, 1) * 255).round().astype(np.uint8)).save(path)
@@ -378,7 +382,8 @@ class GeneratorValidator:
                 records.append({"file": Path(path).name, "prompt": prompt, "image": self.images[i], "seed": i,
                                 "frames": self.sample_frames, "height": height, "width": width, "fps": fps,
                                 "steps": int(v.sample_steps), "guidance": float(v.sample_guidance)})
-        (out_dir / "samples.json").write_text(json.dumps({"step": step, "samples": records}, indent=1) + "\n")
+        if write:
+            (out_dir / "samples.json").write_text(json.dumps({"step": step, "samples": records}, indent=1) + "\n")
         return paths
 
 
@@ -454,7 +459,7 @@ class Validation:
         return values, media
 
 
-def build_validation(cfg, model, objective, normalizer=None) -> Validation | None:
+def build_validation(cfg, model, objective, normalizer=None, write: bool = True) -> Validation | None:
     """The recipe's validation (None when `validation.every` is 0). Construct it on the main process after the model
     is on its device: held-out data are read, decoded and encoded here (bad ones fail now, not at step N)."""
     if cfg.validation.every <= 0:
@@ -463,4 +468,5 @@ def build_validation(cfg, model, objective, normalizer=None) -> Validation | Non
         validator = ReasonerValidator(cfg, model, objective)
     else:
         validator = GeneratorValidator(cfg, model, objective, normalizer=normalizer)
+        validator.write = write  # a sharded model samples on every rank; one of them writes the files
     return Validation(cfg, validator) if validator else None
