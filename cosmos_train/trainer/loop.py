@@ -407,6 +407,10 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
 
     # ---- model and trainable weights --------------------------------------------------------
     model = load_model(cfg)
+    if is_main and cfg.train.method == "full" and backend.name == "ddp" and model.compute_dtype != torch.float32:
+        print(f"note: full finetuning with train.distributed.backend=ddp runs the trained modules in fp32 over the "
+              f"{str(model.compute_dtype).replace('torch.', '')} base; backend fsdp2 (also on one GPU) computes them in "
+              "bf16 over fp32 master weights: faster, less memory")
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     groups = model.setup_trainable(cfg)  # optimizer parameter groups (each may carry its own lr)
