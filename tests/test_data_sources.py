@@ -478,13 +478,13 @@ def test_bucket_sampler_properties(group_size, world_size):
         seen = []
         for s in samplers:
             keys = s.epoch_order(epoch)
-            assert len(keys) == per_epoch
+            assert len(keys) in (per_epoch, per_epoch - group_size)  # groups dealt round the ranks, no padding
             for g in range(0, len(keys), group_size):  # aligned groups share one bucket
                 assert len({LAYOUT[k.index] for k in keys[g:g + group_size]}) == 1
             assert {k.epoch for k in keys} == {epoch}
             seen += [k.index for k in keys]
         assert set(seen) == set(range(len(LAYOUT)))  # every index, every epoch
-        assert len(seen) - len(LAYOUT) < (3 + world_size) * group_size  # only padding repeats
+        assert len(seen) - len(LAYOUT) < 3 * group_size  # only the buckets' last groups filled up with repeats
     # deterministic, seed-dependent, resumable from a count
     n = 3 * per_epoch + 30
     stream = list(itertools.islice(iter(make(0)), n))

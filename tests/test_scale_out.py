@@ -23,16 +23,23 @@ def _stream(sampler, n):
     return list(itertools.islice(iter(sampler), n))
 
 
-@pytest.mark.parametrize("group_size,old_world,new_world", [(1, 2, 3), (1, 3, 1), (2, 2, 1), (2, 1, 2)])
+def _global_keys(sampler, lo, hi):
+    """The keys of global groups lo .. hi-1 (the stream every layout of ranks deals out)."""
+    n = sampler.groups_per_epoch
+    return [SampleKey(int(i), int(p)) for k in range(lo, hi) for i, p in sampler.epoch_groups(k // n)[k % n]]
+
+
+@pytest.mark.parametrize("group_size,old_world,new_world", [(1, 2, 3), (1, 3, 1), (2, 2, 1), (2, 1, 2), (1, 2, 5)])
 def test_reshard_trains_every_key_once(group_size, old_world, new_world):
-    """Old ranks consumed different amounts (some keys still pending in a packer); after re-sharding, the old
-    trained keys + the new ranks' keys up to their first epoch are exactly the real groups of those epochs
-    (padding repeats aside), each once."""
+    """Old ranks consumed different amounts (some keys still pending in a packer, past an epoch end); after
+    re-sharding, what the old ranks trained + what the new ranks are given first is exactly the global stream up
+    to where the new layout starts, each group once; then 1 new process with N accumulation steps and N new
+    processes keep dealing the same global groups."""
     def make(rank, world):
         return BucketSampler(LAYOUT, group_size=group_size, seed=5, rank=rank, world_size=world)
 
     old = [make(r, old_world) for r in range(old_world)]
-    consumed = [group_size * (3 + 4 * r) for r in range(old_world)]  # uneven, whole groups
+    consumed = [group_size * (15 + 7 * r) for r in range(old_world)]  # uneven, whole groups, past epoch 0
     saved, trained = [], collections.Counter()
     for sampler, n in zip(old, consumed):
         drawn = _stream(sampler, n)
@@ -41,38 +48,33 @@ def test_reshard_trains_every_key_once(group_size, old_world, new_world):
         saved.append({**sampler.position(n), "pending": [list(k) for k in pending]})
     new = [make(r, new_world) for r in range(new_world)]
     places = [s.reshard(saved) for s in new]
-    assert len({p["consumed"] for p in places}) == 1
-    end_epoch = places[0]["consumed"] // new[0].per_epoch
+    assert len({p["base"] for p in places}) == 1
+    end = places[0]["base"]
+    assert end > old[0].groups_per_epoch  # the test crosses an epoch end
     given = collections.Counter(SampleKey(*k) for p in places for k in p["prefix"])
-    # every real group of the epochs begun, once: what the old ranks trained (minus padding repeats) + what is given
-    layout = make(0, 1)
-    expected = collections.Counter(SampleKey(int(i), int(p)) for e in range(end_epoch)
-                                   for group in layout.epoch_groups(e)[: layout.groups_per_epoch] for i, p in group)
-    old_real = collections.Counter()
-    for r, (sampler, n) in enumerate(zip(old, consumed)):
-        for e in range(end_epoch):
-            rows = sampler.epoch_groups(e)[r::old_world]
-            for j, group in enumerate(rows):
-                row = r + j * old_world
-                done = e * (sampler.padded_groups // old_world) + j < n // group_size
-                if done and row < sampler.groups_per_epoch:
-                    old_real.update(SampleKey(int(i), int(p)) for i, p in group)
-    if group_size == 1:
-        for state in saved:  # pending keys were consumed from the stream but are trained by the new ranks
-            old_real.subtract(SampleKey(*k) for k in state["pending"])
-    assert old_real + given == expected
-    # a new rank's stream: its prefix, then its own layout from the first epoch no old rank had begun
+    assert trained + given == collections.Counter(_global_keys(old[0], 0, end))
+    # the new ranks' own streams continue the global stream from `end`, dealt round them
     for s, place in zip(new, places):
         s.restore(place)
-        stream = _stream(s, len(place["prefix"]) + 5)
-        assert stream[: len(place["prefix"])] == [SampleKey(*k) for k in place["prefix"]]
-        assert {k.epoch for k in stream[len(place["prefix"]):]} <= {end_epoch, end_epoch + 1}
+    own = [_stream(s, len(p["prefix"]) + 3 * group_size)[len(p["prefix"]):] for s, p in zip(new, places)]
+    expected = _global_keys(old[0], end, end + 3 * new_world)
+    for r in range(new_world):
+        dealt = [expected[(g * new_world + r) * group_size:(g * new_world + r + 1) * group_size] for g in range(3)]
+        assert own[r] == [k for group in dealt for k in group]
     # a sampler's position survives a save / restore on the same number of processes
     s = make(0, old_world)
     s.restore(places[0])
     again = make(0, old_world)
     again.restore(s.position(3))
     assert _stream(again, 4) == _stream(s, 7)[3:]
+
+
+def test_one_process_with_accumulation_sees_the_global_batches_of_n_processes_across_epochs():
+    """Rank r of N takes global groups r, r + N, ...: over several epochs (9 keys, not a multiple of 2), the
+    micro-steps of 1 process are the ranks' batches of N processes, step by step."""
+    one = _stream(BucketSampler(["x"] * 9, seed=1), 40)
+    two = [_stream(BucketSampler(["x"] * 9, seed=1, rank=r, world_size=2), 20) for r in range(2)]
+    assert one == [k for step in zip(*two) for k in step]
 
 
 def test_resume_keeps_the_global_batch():
@@ -139,8 +141,10 @@ def one_process_runs(tmp_path_factory):
 def test_sharded_run_equals_one_process_and_resumes_on_another_count(tmp_path, one_process_runs, backend, recipe):
     """A sharded back-end on 2 processes = DDP on 1 process with 2 accumulation steps. LoRA: its sharded checkpoint
     (optimizer state written by both ranks, checksummed) resumes on 1 process to the same weights, and exports."""
-    steps = 4 if recipe == "t2v_lora" else 2  # full finetuning: the equality only (the rest is the same code)
-    common = [str(TINY_RECIPES / f"{recipe}.yaml"), f"train.max_steps={steps}", "train.checkpoint_every=2",
+    # 9 samples, 2 per step: LoRA runs past the end of the first epoch (step 5), on 2 processes and when resumed
+    # on 1; full finetuning: the equality only (the rest is the same code)
+    steps, every = (6, 3) if recipe == "t2v_lora" else (2, 2)
+    common = [str(TINY_RECIPES / f"{recipe}.yaml"), f"train.max_steps={steps}", f"train.checkpoint_every={every}",
               "train.keep_checkpoints=3", "train.batch_size=1", "train.packing.enabled=false", "data.cache=off",
               "train.device=cpu", "train.warmup_steps=0", "train.lr=1e-2" if recipe == "t2v_lora" else "train.lr=1e-3"]
     one = one_process_runs(recipe, common)
@@ -151,20 +155,20 @@ def test_sharded_run_equals_one_process_and_resumes_on_another_count(tmp_path, o
     _assert_close(_weights(two, steps), _weights(one, steps))
     if recipe != "t2v_lora":
         return
-    sums = json.loads((two / "checkpoints" / "step-0000002" / "checksums.json").read_text())["files"]
+    sums = json.loads((two / "checkpoints" / f"step-{every:07d}" / "checksums.json").read_text())["files"]
     parts = sorted(name for name in sums if name.startswith("optimizer/"))
     assert len(parts) >= 2, parts  # written by both ranks
 
-    # interrupted after step 2 (a part of step 4's sharded optimizer state damaged: set aside), continued on 1
+    # interrupted after step 3 (a part of step 6's sharded optimizer state damaged: set aside), continued on 1
     shutil.copytree(two, resumed)
-    part = resumed / "checkpoints" / "step-0000004" / parts[-1]
+    part = resumed / "checkpoints" / f"step-{steps:07d}" / parts[-1]
     data = bytearray(part.read_bytes())
     data[len(data) // 2] ^= 0xFF
     part.write_bytes(bytes(data))
     proc = _run(["train", *sharded, f"output_dir={resumed}", "train.grad_accum_steps=2", "--resume"], tmp_path)
     assert parts[-1] in proc.stdout and "resuming a run of 2 process(es) on 1" in proc.stdout
-    assert (resumed / "checkpoints" / "damaged-step-0000004").is_dir()
-    _assert_close(_weights(resumed, 4), _weights(two, 4))
+    assert (resumed / "checkpoints" / f"damaged-step-{steps:07d}").is_dir()
+    _assert_close(_weights(resumed, steps), _weights(two, steps))
     assert _losses(resumed) == pytest.approx(_losses(two), rel=1e-5)
 
     # the sharded run exports like any other (the export verifies itself against diffusers)

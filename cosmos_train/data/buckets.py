@@ -147,7 +147,7 @@ class BucketSampler(torch.utils.data.Sampler):
         shuffle: shuffle within and across buckets (False: index order, groups in bucket order).
         seed, rank, world_size: the stream is a pure function of these and the layout.
         start: keys of this rank's stream already consumed.
-        epoch_size: keys per epoch before padding (default: the number of indices in the sources;
+        epoch_size: keys per epoch (default: the number of indices in the sources;
             with weights at least `MIN_WEIGHTED_EPOCH`, so per-epoch quota rounding stays < 0.1%).
 
     One epoch ``e``:
@@ -161,12 +161,15 @@ class BucketSampler(torch.utils.data.Sampler):
        number in that stream (= ``e`` for an unweighted single source), which picks its caption.
     3. Per bucket, keys are shuffled and cut into groups of ``group_size``; a bucket's last group is
        filled up with keys from the start of the same bucket (repeats). Groups are shuffled across
-       buckets (``torch.randperm`` seeded with ``seed + e``), the group list is padded to a multiple
-       of ``world_size`` by repeating its first groups, and rank ``r`` takes groups ``r, r + W, ...``.
+       buckets (``torch.randperm`` seeded with ``seed + e``).
+    4. The epochs' groups, one after the other, are ONE global stream, the same whatever the number of
+       processes; rank ``r`` takes its groups ``base + r, base + r + W, ...`` of it (``base`` 0, or where a run
+       that continued on another number of processes started, see `reshard`). So N processes and one process
+       with N accumulation steps train the same global batches, across epoch ends too.
 
     With one source, no weights, one bucket and ``group_size=1`` this is a seeded permutation per
-    epoch, rank-strided. With no weights every index appears in every epoch (once, plus
-    the padding repeats). A stratum whose quota rounds to 0 is never drawn.
+    epoch, rank-strided. With no weights every index appears in every epoch, once. A stratum whose quota rounds
+    to 0 is never drawn.
     """
 
     def __init__(
@@ -200,6 +203,7 @@ class BucketSampler(torch.utils.data.Sampler):
         self.start = start
         # keys handed to this rank when a run resumed on another process count (see `reshard`): drawn first
         self.prefix: list[SampleKey] = []
+        self.base = 0  # the global group this layout of ranks starts at (`reshard`)
 
         # bucket ids in order of first appearance (independent of hashing)
         ids: dict[Hashable, int] = {}
@@ -247,14 +251,13 @@ class BucketSampler(torch.utils.data.Sampler):
         for _, b, _, q in self._strata:
             self.bucket_counts[b] += q
         self.groups_per_epoch = int(sum(math.ceil(c / group_size) for c in self.bucket_counts if c > 0))
-        self.padded_groups = -(-self.groups_per_epoch // world_size) * world_size
 
     # -- the plan ---------------------------------------------------------------------------------
 
     @property
     def per_epoch(self) -> int:
-        """Keys per epoch on each rank."""
-        return self.padded_groups // self.world_size * self.group_size
+        """Keys per epoch on each rank (at most: with groups not a multiple of the ranks, some get one group less)."""
+        return -(-self.groups_per_epoch // self.world_size) * self.group_size
 
     def _stratum_draw(self, s: int, b: int, members: np.ndarray, quota: int, epoch: int):
         m = len(members)
@@ -271,8 +274,8 @@ class BucketSampler(torch.utils.data.Sampler):
         return out, passes
 
     def epoch_groups(self, epoch: int) -> np.ndarray:
-        """All ranks' groups of `epoch`, in stream order: int64 array [padded_groups, group_size, 2]
-        of (index, pass); rank r takes rows r, r + world_size, ..."""
+        """All ranks' groups of `epoch`, in stream order: int64 array [groups_per_epoch, group_size, 2]
+        of (index, pass); global group k is row k % groups_per_epoch of epoch k // groups_per_epoch."""
         G = self.group_size
         per_bucket: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         for s, b, members, quota in self._strata:
@@ -294,73 +297,73 @@ class BucketSampler(torch.utils.data.Sampler):
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + int(epoch))
             all_groups = all_groups[torch.randperm(len(all_groups), generator=g).numpy()]
-        pad = self.padded_groups - len(all_groups)
-        if pad:
-            all_groups = np.concatenate([all_groups, all_groups[np.arange(pad) % len(all_groups)]], axis=0)
         return all_groups
 
+    def _mine(self, k: int) -> bool:
+        return k >= self.base and (k - self.base) % self.world_size == self.rank
+
     def epoch_order(self, epoch: int) -> list[SampleKey]:
-        """This rank's keys of `epoch`."""
-        mine = self.epoch_groups(epoch)[self.rank :: self.world_size].reshape(-1, 2)
-        return [SampleKey(int(i), int(p)) for i, p in mine]
+        """This rank's keys of `epoch` (its groups of the global stream that fall in that epoch)."""
+        n = self.groups_per_epoch
+        rows = self.epoch_groups(epoch)
+        return [SampleKey(int(i), int(p)) for row in range(n) if self._mine(epoch * n + row) for i, p in rows[row]]
 
     def __iter__(self):
         yield from self.prefix
-        epoch, position = divmod(self.start, self.per_epoch)
+        j, within = divmod(self.start, self.group_size)  # this rank's j-th group: global base + rank + j * W
+        epoch, rows = -1, None
         while True:
-            yield from self.epoch_order(epoch)[position:]
-            epoch, position = epoch + 1, 0
+            e, row = divmod(self.base + self.rank + j * self.world_size, self.groups_per_epoch)
+            if e != epoch:
+                epoch, rows = e, self.epoch_groups(e)
+            for i, p in rows[row][within:]:
+                yield SampleKey(int(i), int(p))
+            j, within = j + 1, 0
 
 
     # -- resuming on another number of processes ------------------------------------------------
 
     def position(self, drawn: int) -> dict:
         """This rank's place after drawing `drawn` keys (its prefix first), as a checkpoint stores it:
-        {"consumed": keys of its own stream consumed, "prefix": prefix keys not drawn yet}."""
+        {"consumed": keys of its own stream consumed, "prefix": prefix keys not drawn yet, "base"}."""
         rest = self.prefix[drawn:]
-        return {"consumed": self.start + max(0, drawn - len(self.prefix)), "prefix": [list(k) for k in rest]}
+        return {"consumed": self.start + max(0, drawn - len(self.prefix)), "prefix": [list(k) for k in rest],
+                "base": self.base}
 
     def restore(self, position: dict) -> None:
         self.start = int(position["consumed"])
         self.prefix = [SampleKey(*k) for k in position.get("prefix", [])]
+        self.base = int(position.get("base", 0))
 
     def reshard(self, saved: list[dict]) -> dict:
         """This rank's position when a run saved by ``len(saved)`` processes continues on ``world_size``.
 
-        `saved`: each old rank's {"consumed", "prefix", "pending"} (pending: keys drawn but not trained yet, e.g.
-        waiting in the packer). Every key no old rank trained is trained once, in global stream order: the old
-        ranks' pending and prefix keys, then the groups of the epochs they had begun that none of them consumed;
-        these are dealt to the new ranks group by group (rank r takes groups r, r + world_size, ...), and the new
-        ranks' own streams start at the first epoch no old rank had begun."""
-        old_world = len(saved)
-        old = _copy_layout(self, old_world)
-        G, n_rank = self.group_size, old.padded_groups // old_world  # groups per old rank per epoch
+        `saved`: each old rank's {"consumed", "prefix", "base", "pending"} (pending: keys drawn but not trained
+        yet, e.g. waiting in the packer). Every key no old rank trained is trained once: the old ranks' pending
+        and prefix keys, then the global groups below the furthest one consumed that no old rank consumed; these
+        are dealt to the new ranks group by group (rank r takes r, r + world_size, ...), and the new layout of
+        ranks starts its own groups after the furthest one consumed."""
+        old_world, G, n = len(saved), self.group_size, self.groups_per_epoch
+        base = int(saved[0].get("base", 0))
         leftover: list[list[SampleKey]] = []
         for state in saved:  # drawn, not trained: one key each (pending only exist with group_size 1)
             leftover += [[SampleKey(*k)] for k in state.get("pending", [])]
         for state in saved:
             prefix = [SampleKey(*k) for k in state.get("prefix", [])]
             leftover += [prefix[i:i + G] for i in range(0, len(prefix), G)]
-        groups_done = [int(state["consumed"]) // G for state in saved]  # whole groups of each old rank's stream
-        first = min(groups_done) // n_rank
-        end = max(-(-done // n_rank) for done in groups_done)  # first epoch no old rank had begun
-        for epoch in range(first, end):
-            rows = old.epoch_groups(epoch)
-            for row in range(old.groups_per_epoch):  # real groups only: rows past them repeat the first ones
-                rank, j = row % old_world, row // old_world
-                if epoch * n_rank + j >= groups_done[rank]:
-                    leftover.append([SampleKey(int(i), int(p)) for i, p in rows[row]])
+        done = [int(state["consumed"]) // G for state in saved]  # whole groups of each old rank's own stream
+        end = max([base + r + (d - 1) * old_world + 1 for r, d in enumerate(done) if d > 0] or [base])
+        rows, epoch = None, -1
+        for k in range(base, end):
+            r, j = (k - base) % old_world, (k - base) // old_world
+            if j < done[r]:
+                continue
+            e, row = divmod(k, n)
+            if e != epoch:
+                epoch, rows = e, self.epoch_groups(e)
+            leftover.append([SampleKey(int(i), int(p)) for i, p in rows[row]])
         mine = [key for group in leftover[self.rank::self.world_size] for key in group]
-        return {"consumed": end * self.per_epoch, "prefix": [list(k) for k in mine]}
-
-
-def _copy_layout(sampler: BucketSampler, world_size: int) -> BucketSampler:
-    import copy
-
-    other = copy.copy(sampler)
-    other.world_size, other.rank, other.prefix = world_size, 0, []
-    other.padded_groups = -(-sampler.groups_per_epoch // world_size) * world_size
-    return other
+        return {"consumed": 0, "prefix": [list(k) for k in mine], "base": end}
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):

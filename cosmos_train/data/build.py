@@ -43,7 +43,7 @@ class DataInfo:
     skips: SkipCounter  # build-time skips: bad manifest lines / dataset rows, media that cannot be probed
     group_size: int
     epoch_size: int  # keys per mixed epoch (all ranks, before padding)
-    per_rank_epoch: int  # keys per epoch on each rank (padded)
+    per_rank_epoch: int  # keys per epoch on each rank (at most: groups are dealt round the ranks)
     aspect_buckets: bool = False
     fixed_size: tuple[int, int] | None = None
     source_sizes: np.ndarray | None = None  # int32 [N, 2]: each record's own (height, width) (buckets only)
