@@ -47,6 +47,12 @@ def check_supported(cfg) -> None:
     backend = cfg.train.distributed.backend
     if backend in ("ddp", "fsdp2"):
         return
+    if cfg.train.distributed.deepspeed_config:  # a bad DeepSpeed JSON fails now, before data and model load
+        from cosmos_train.trainer.deepspeed_backend import _import_deepspeed, build_config
+
+        on_cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
+        _import_deepspeed(torch.device("cpu" if on_cpu else "cuda"))  # before DeepSpeed picks its accelerator
+        build_config(cfg, torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32)
     clashes = []
     if cfg.train.ema_decay:
         clashes.append("train.ema_decay")
@@ -209,6 +215,12 @@ class FSDP2Backend(Backend):
     evaluates_on_every_rank = True
 
     def prepare(self, model, groups):
+        import warnings
+
+        # FSDP2 warns that the transformer returns views (the per-sample predictions) because an in-place op on them
+        # would skip its hooks; the losses use them out of place (fsdp2 runs are tested equal to DDP runs)
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor",
+                                category=UserWarning)
         device = self.accelerator.device
         ensure_process_group(device)
         transformer = model.transformer

@@ -26,6 +26,7 @@ import contextlib
 import difflib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,9 +41,14 @@ FP32 = "fp32"  # the tensor key of a master weight in the shard files (optimizer
 
 
 def _import_deepspeed(device: torch.device):
-    # DeepSpeed picks its accelerator once, at first use: a CPU run on a machine with CUDA must say so before.
-    if device.type == "cpu" and torch.cuda.is_available():
+    # DeepSpeed picks its accelerator once, at first use: a CPU run must say so before (on a machine with CUDA it
+    # would pick CUDA; without, it warns on every rank that it found none)
+    if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed's own collectives call torch's deprecated all_gather_into_tensor / reduce_scatter_tensor: a
+    # FutureWarning per call, i.e. several per step, that the user can do nothing about
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                            r"is deprecated", category=FutureWarning)
     try:
         import deepspeed
         import deepspeed.ops

@@ -587,11 +587,12 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
             if accelerator.num_processes > 1:
                 # One reduction a step: the global batch's loss, and every rank learns whether any rank saw a
                 # non-finite loss / gradient or was asked to stop, so all of them skip / stop at the same step.
-                flags = torch.tensor([mean_loss, bad_loss, bad_grad, stop_now], dtype=torch.float64,
+                flags = torch.tensor([mean_loss, bad_loss, bad_grad, stop_now, samples, tokens], dtype=torch.float64,
                                      device=accelerator.device)
                 flags = accelerator.reduce(flags, "sum")
                 mean_loss = float(flags[0]) / accelerator.num_processes
                 bad_loss, bad_grad, stop_now = bool(flags[1] > 0), bool(flags[2] > 0), bool(flags[3] > 0)
+                samples, tokens = int(flags[4]), int(flags[5])  # the global batch's (modes, sigma bins: rank 0's)
             skip = bad_loss or bad_grad
             lr = lr_scheduler.get_last_lr()[0]  # the lr this step's update uses (logged with the step)
             if skip:
@@ -622,14 +623,12 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
             metrics.log(step, {"loss": mean_loss if math.isfinite(mean_loss) else None, "lr": lr,
                                "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "step_time_s": dt,
                                "data_time_s": data_time, "samples": samples, "tokens": tokens,
-                               "samples_per_s": samples * accelerator.num_processes / dt,
-                               "tokens_per_s": tokens * accelerator.num_processes / dt, "modes": modes,
+                               "samples_per_s": samples / dt, "tokens_per_s": tokens / dt, "modes": modes,
                                "skipped_steps": skipped_steps, **({"skipped": what} if skip else {}),
                                **{f"loss_{m}": sum(v) / len(v) for m, v in modality_losses.items()
                                   if len(modality_losses) > 1 or m != "vision"},
                                **(M.sigma_bins(sigmas, sample_losses) if sample_losses and not skip else {}),
-                               "mfu": M.mfu(tokens * accelerator.num_processes / dt, flops_per_token, peak_flops,
-                                            accelerator.num_processes),
+                               "mfu": M.mfu(tokens / dt, flops_per_token, peak_flops, accelerator.num_processes),
                                "peak_memory_gb": M.peak_memory_gb(accelerator.device),
                                "data_wait": M.data_wait_fraction(data_time, dt)})
             if validation is not None and validation.due(step):
@@ -672,9 +671,13 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
                 bar.close()
                 if is_main:
                     _write_summary(run_dir, step, first_loss, skips, skipped_steps, stopped=stop.name)
+                    again = (f"cosmos-train train {recipe_path} --resume" if accelerator.num_processes == 1 else
+                             f"the same launch of {accelerator.num_processes} processes with --resume (on P processes "
+                             f"instead: train.grad_accum_steps={accelerator.num_processes * cfg.train.grad_accum_steps}"
+                             "/P)")
                     print(f"cosmos-train: stopped by {stop.name} after step {step} of {cfg.train.max_steps}; "
-                          f"checkpoint {path} saved. Continue with: cosmos-train train {recipe_path} --resume "
-                          f"(exit status {stop.exit_code})", flush=True)
+                          f"checkpoint {path} saved. Continue with: {again} (exit status {stop.exit_code})",
+                          flush=True)
                 raise Interrupted(stop.exit_code)
     finally:
         stop.restore()
