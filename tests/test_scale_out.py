@@ -177,10 +177,12 @@ def test_sharded_run_equals_one_process_and_resumes_on_another_count(tmp_path, o
 
 
 @pytest.mark.slow
-def test_fsdp2_validates_samples_and_keeps_an_ema_like_one_process(tmp_path, one_process_runs):
-    """Held-out loss, samples and the EMA of a sharded run (every rank takes part in the forwards, rank 0 writes),
-    with the base offloaded to CPU memory between uses (train.distributed.offload_params, the one-GPU path for a
-    base larger than the GPU): the same as a 1-process DDP run."""
+@pytest.mark.parametrize("backend", ["fsdp2", "zero2"])
+def test_sharded_run_validates_samples_and_keeps_an_ema_like_one_process(tmp_path, one_process_runs, backend):
+    """Held-out loss, samples and the EMA of a sharded run: the same as a 1-process DDP run. fsdp2: every rank takes
+    part in the forwards (rank 0 writes), with the base offloaded to CPU memory between uses
+    (train.distributed.offload_params, the one-GPU path for a base larger than the GPU); zero2: rank 0 alone, over
+    the whole weights every rank holds, its EMA tracking the module's copies of the fp32 masters."""
     from safetensors.torch import load_file
 
     common = [str(TINY_RECIPES / "t2v_lora.yaml"), "train.max_steps=4", "train.checkpoint_every=4",
@@ -190,8 +192,8 @@ def test_fsdp2_validates_samples_and_keeps_an_ema_like_one_process(tmp_path, one
               "validation.sample_steps=2", "train.ema_decay=0.9"]
     one = one_process_runs("t2v_lora-validated", common)
     run = tmp_path / "sharded"
-    _run(["train", *common, f"output_dir={run}", "train.grad_accum_steps=1", "train.distributed.backend=fsdp2",
-          "train.distributed.offload_params=true"], tmp_path, nproc=2)
+    _run(["train", *common, f"output_dir={run}", "train.grad_accum_steps=1", f"train.distributed.backend={backend}",
+          *(["train.distributed.offload_params=true"] if backend == "fsdp2" else [])], tmp_path, nproc=2)
 
     def validation(run_dir):
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -257,9 +259,11 @@ def test_deepspeed_refuses_what_runs_the_model_on_one_process():
     from cosmos_train.config import load_recipe
     from cosmos_train.trainer.backends import check_supported
 
-    cfg = load_recipe(TINY_RECIPES / "t2v_lora.yaml", ["train.distributed.backend=zero2", "train.ema_decay=0.99",
-                                                       "validation.every=5", "validation.prompts=[a cat]"])
-    with pytest.raises(UserError, match=r"backend=zero2: train.ema_decay, validation.every .*ddp or fsdp2"):
+    cfg = load_recipe(TINY_RECIPES / "t2v_lora.yaml", ["train.distributed.backend=zero3", "train.ema_decay=0.99",
+                                                       "validation.every=5", "validation.prompts=[a cat]",
+                                                       "train.packing.enabled=false"])
+    with pytest.raises(UserError, match=r"backend=zero3: train.ema_decay, validation.every .*fsdp2"):
         check_supported(cfg)
-    cfg.train.distributed.backend = "fsdp2"
-    check_supported(cfg)
+    for backend in ("fsdp2", "zero2"):
+        cfg.train.distributed.backend = backend
+        check_supported(cfg)

@@ -42,8 +42,9 @@ def make_backend(cfg, accelerator) -> "Backend":
 
 
 def check_supported(cfg) -> None:
-    """Held-out evaluation and the EMA of the trained weights run on every rank with fsdp2 (the sharded model needs
-    all of them for a forward); with DeepSpeed they are not supported yet: refused up front, naming the keys."""
+    """Held-out evaluation and the EMA of the trained weights: on the main process with ddp and zero2 (whole weights
+    on every rank), on every rank with fsdp2 (the sharded model needs all of them for a forward); not yet with zero3:
+    refused up front, naming the keys. A DeepSpeed JSON is checked here, before data and model load."""
     backend = cfg.train.distributed.backend
     if backend in ("ddp", "fsdp2"):
         return
@@ -53,6 +54,8 @@ def check_supported(cfg) -> None:
         on_cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
         _import_deepspeed(torch.device("cpu" if on_cpu else "cuda"))  # before DeepSpeed picks its accelerator
         build_config(cfg, torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32)
+    if backend == "zero2":
+        return
     clashes = []
     if cfg.train.ema_decay:
         clashes.append("train.ema_decay")
@@ -61,8 +64,8 @@ def check_supported(cfg) -> None:
     if cfg.action is not None and cfg.action.val_episodes > 0 and cfg.action.eval_windows > 0:
         clashes.append("action.eval_windows (with action.val_episodes > 0)")
     if clashes:
-        raise UserError(f"train.distributed.backend={backend}: {', '.join(clashes)} need(s) the ddp or fsdp2 "
-                        f"back-end for now; set them to 0 / null, or use backend=ddp or fsdp2")
+        raise UserError(f"train.distributed.backend={backend}: {', '.join(clashes)} need(s) the ddp, fsdp2 or zero2 "
+                        f"back-end for now; set them to 0 / null, or use backend=fsdp2")
 
 
 class Backend:
@@ -113,6 +116,16 @@ class Backend:
         """The trained weights, whole, on the main process (an empty dict elsewhere): every rank calls it."""
         state = model.trainable_state_dict(cfg)
         return state if self.accelerator.is_main_process else {}
+
+    def module_state_dict(self, model, cfg) -> dict:
+        """What the module's own trained parameters hold now, whole, on the main process (every rank calls it):
+        the EMA is exchanged into them to be saved. The trained weights themselves, except where the back-end keeps
+        its fp32 masters elsewhere (DeepSpeed)."""
+        return self.trainable_state_dict(model, cfg)
+
+    def ema_parameters(self, params: list) -> list:
+        """The parameters an EMA of `params` (as the model set them up) tracks once the back-end has wrapped them."""
+        return params
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def optimizer_state(self) -> dict | None:
@@ -254,6 +267,10 @@ class FSDP2Backend(Backend):
             grads = [p.grad for p in params if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         return float(self.full_tensor(norm))
+
+    def ema_parameters(self, params):
+        # fully_shard put DTensor shards in place of the parameters, in the optimizer groups' order
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def full_tensor(self, tensor):
         from torch.distributed.tensor import DTensor

@@ -334,6 +334,12 @@ class DeepSpeedBackend(Backend):
             return self._full_fp32(tensor)
         return tensor
 
+    def module_state_dict(self, model, cfg):
+        # ZeRO-2 keeps whole copies of the weights in the module (the fp32 masters are the optimizer's partitions)
+        if self.stage != 2:
+            raise NotImplementedError("an EMA under ZeRO-3 (partitioned module weights)")
+        return model.trainable_state_dict(cfg) if self.accelerator.is_main_process else {}
+
     def trainable_state_dict(self, model, cfg):
         """The fp32 master weights (not the module's bf16 copies), whole, under model.trainable_state_dict's
         keys (PEFT naming for LoRA); every rank takes part, the main process keeps them."""

@@ -477,7 +477,7 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
     # train.max_steps (a resumed run may only change that as _check_schedule allows).
     optimizer, lr_scheduler = backend.prepare(model, groups)
     if ema is not None:  # the parameters the back-end trains (fsdp2: shards), in the order EMA tracked them
-        ema.rebind(p for group in optimizer.param_groups for p in group["params"])
+        ema.rebind(backend.ema_parameters(params))
     if resuming:
         backend.load_optimizer(found, torch_state)
         lr_scheduler.load_state_dict(torch_state["lr_scheduler"])
@@ -548,7 +548,7 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
                           "skipped_steps": skipped_steps, "nonfinite_consecutive": consecutive,
                           "schedule_steps": cfg.train.max_steps,
                           **({"ema_updates": ema.num_updates} if ema is not None else {})},
-              extra_tensors={EMA_WEIGHTS: ema.export_state(model, cfg, backend.trainable_state_dict)}
+              extra_tensors={EMA_WEIGHTS: ema.export_state(model, cfg, backend.module_state_dict)}
               if ema is not None else None)
         return ckpt.checkpoint_dir(run_dir) / ckpt.step_name(at_step)
 
