@@ -284,4 +284,5 @@ def test_real_accelerate_launch_the_alternative_starts_two(tmp_path):
     as the recipe's train.device=cpu makes them) starts two processes on a machine without GPUs, and passes."""
     two = _launch(tmp_path, "--multi_gpu", "--num_processes", "2", "--main_process_port", "0")
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
-    assert sorted(two.stdout.split()) == ["0/2", "1/2", "ok", "ok"]
+    # the two ranks share one stdout: their lines may interleave mid-line, so count what each one printed
+    assert two.stdout.count("ok") == 2 and "0/2" in two.stdout and "1/2" in two.stdout, two.stdout
