@@ -78,10 +78,6 @@ class Backend:
         self.cfg, self.accelerator = cfg, accelerator
         self.module = self.optimizer = None
 
-    @property
-    def world_size(self) -> int:
-        return self.accelerator.num_processes
-
     def prepare(self, model, groups: list[dict]):
         """Wrap model.transformer (setting model.forward_module) and build the optimizer and lr schedule over the
         trained parameters -> (optimizer, lr_scheduler). The schedule is not prepared by Accelerate: it would step
@@ -107,10 +103,6 @@ class Backend:
     def skip(self) -> None:
         """No update this step: gradients dropped, the optimizer's moments and step count untouched."""
         self.optimizer.zero_grad(set_to_none=True)
-
-    def full_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A trained tensor as a whole (a collective on sharded back-ends: every rank calls it, in the same order)."""
-        return tensor
 
     def trainable_state_dict(self, model, cfg) -> dict:
         """The trained weights, whole, on the main process (an empty dict elsewhere): every rank calls it."""
@@ -222,6 +214,13 @@ def fully_shard_layers(transformer, device: torch.device, compute_dtype: torch.d
     fully_shard(transformer, **options)
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor as a whole tensor (a collective: every rank calls it, in the same order); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 class FSDP2Backend(Backend):
     name = "fsdp2"
     sharded = True
@@ -266,23 +265,18 @@ class FSDP2Backend(Backend):
         else:
             grads = [p.grad for p in params if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        return float(self.full_tensor(norm))
+        return float(_whole(norm))
 
     def ema_parameters(self, params):
         # fully_shard put DTensor shards in place of the parameters, in the optimizer groups' order
         return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    def full_tensor(self, tensor):
-        from torch.distributed.tensor import DTensor
-
-        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
     def trainable_state_dict(self, model, cfg):
         # gathered tensor by tensor; only the main process keeps them
         keep = self.accelerator.is_main_process
         state = {}
         for key, value in model.trainable_state_dict(cfg).items():
-            whole = self.full_tensor(value).detach()
+            whole = _whole(value).detach()
             if keep:
                 state[key] = whole.cpu().contiguous()
         return state

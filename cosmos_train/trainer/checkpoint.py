@@ -131,8 +131,7 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     tmp = staged
     try:
         if tmp is None:
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{step_name(step)}.", dir=root))
+            tmp = stage(run_dir, step)
         save_file(weights, str(tmp / WEIGHTS))
         for name, tensors in (extra_tensors or {}).items():  # e.g. ema.safetensors: checksummed like the rest
             save_file(tensors, str(tmp / name))

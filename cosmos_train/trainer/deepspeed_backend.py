@@ -329,11 +329,6 @@ class DeepSpeedBackend(Backend):
     def _shape(self, param) -> torch.Size:
         return param.ds_shape if hasattr(param, "ds_shape") else param.shape
 
-    def full_tensor(self, tensor):
-        if hasattr(tensor, "ds_id") or hasattr(tensor, "_hp_mapping"):
-            return self._full_fp32(tensor)
-        return tensor
-
     def module_state_dict(self, model, cfg):
         # ZeRO-2 keeps whole copies of the weights in the module (the fp32 masters are the optimizer's partitions)
         if self.stage != 2:

@@ -49,7 +49,8 @@ from cosmos_train.trainer.optim import lr_multiplier
 # Recipe keys a resumed run must share with the run it continues: they set the learning-rate schedule, the
 # data order (and the noise drawn for it) or the shape of the trained weights. train.max_steps is handled
 # on its own (see _check_schedule), train.grad_accum_steps with the process count (_check_global_batch: a run may
-# resume on another number of processes when the global batch stays the same); anything else (logging, checkpoint_every, num_workers, ...) may change.
+# resume on another number of processes when the global batch stays the same); anything else (logging,
+# checkpoint_every, num_workers, ...) may change.
 RESUME_KEYS = (
     "objective", "train.lr", "train.lr_schedule", "train.warmup_steps", "train.min_lr_ratio", "train.seed",
     "train.batch_size", "train.packing", "train.method", "train.lora",
@@ -139,8 +140,8 @@ def _accelerator(cfg: RecipeConfig):
 
 
 def _on_main(accelerator, fn):
-    """Run `fn` on the main process; a UserError there is raised on every rank (not a hang in the next
-    collective)."""
+    """Run `fn` on the main process and hand its result to every rank; a UserError there is raised on every rank
+    (not a hang in the next collective)."""
     error, result = None, None
     if accelerator.is_main_process:
         try:
@@ -148,10 +149,11 @@ def _on_main(accelerator, fn):
         except UserError as err:
             error = err
     if accelerator.num_processes > 1:
-        shared = [None if error is None else str(error)]
+        shared = [None if error is None else str(error), result]
         torch.distributed.broadcast_object_list(shared, src=0)
         if shared[0] is not None and error is None:
             error = UserError(shared[0])
+        result = shared[1]
     if error is not None:
         raise error
     return result
@@ -269,8 +271,8 @@ def _check_resume_recipe(cfg: RecipeConfig, run_dir: Path, latest: Path, process
             f"order or the trained weights ({'; '.join(changed)}). Resume with the run's values (its "
             f"{run_dir / 'recipe.yaml'}), or start a new run in another output_dir")
     state = _read_json(latest / ckpt.STATE)
-    backend = state.get("backend", "ddp")
-    if backend != cfg.train.distributed.backend and "sharded" in (_kind(backend), _kind(cfg.train.distributed.backend)):
+    backend = state.get("backend", "ddp")  # each back-end stores the optimizer state its own way
+    if backend != cfg.train.distributed.backend:
         raise UserError(f"cannot resume {run_dir}: its checkpoints were written by train.distributed.backend="
                         f"{backend} and the recipe asks for {cfg.train.distributed.backend}; resume with "
                         f"train.distributed.backend={backend}")
@@ -280,10 +282,6 @@ def _check_resume_recipe(cfg: RecipeConfig, run_dir: Path, latest: Path, process
                          or cfg.train.max_steps)
     return notes + _check_schedule(cfg, int(state.get("step", 0)), schedule_steps)
 
-
-def _kind(backend: str) -> str:
-    """Checkpoints of ddp hold the whole optimizer state; fsdp2's and DeepSpeed's hold it sharded, each its own way."""
-    return "replicated" if backend == "ddp" else "sharded"
 
 
 def _check_schedule(cfg: RecipeConfig, step: int, schedule_steps: int) -> list[str]:
@@ -391,7 +389,7 @@ def train(cfg: RecipeConfig, resume: bool | str = False, recipe_path: str = "REC
     # Every rank checks, before any barrier, so all of them stop with the message (checked on rank 0
     # alone, the other ranks crash in the barrier with a "connection closed by peer" traceback).
     resuming, notes = _plan_run(cfg, mode, accelerator.num_processes)
-    run_dir = _on_main(accelerator, lambda: _write_run_dir(cfg)) or Path(cfg.output_dir)
+    run_dir = _on_main(accelerator, lambda: _write_run_dir(cfg))
     if is_main:
         for line in notes:
             print(line)
@@ -713,14 +711,6 @@ def _write_summary(run_dir: Path, step: int, first_loss, skips, skipped_steps: i
     (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def _broadcast(accelerator, value):
-    if accelerator.num_processes > 1:
-        shared = [value]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        value = shared[0]
-    return value
-
-
 def _save(accelerator, backend, run_dir, step, model, cfg, lr_scheduler, rank_state: dict,
           json_state: dict, extra_tensors: dict | None = None) -> None:
     ranks = [rank_state]
@@ -730,9 +720,9 @@ def _save(accelerator, backend, run_dir, step, model, cfg, lr_scheduler, rank_st
     weights = backend.trainable_state_dict(model, cfg)  # every rank (gathered when sharded); the main one keeps them
     staged = None
     if backend.sharded:  # every rank writes its part of the optimizer state into one staged directory
-        staged = _broadcast(accelerator, _on_main(accelerator, lambda: str(ckpt.stage(run_dir, step))))
+        staged = _on_main(accelerator, lambda: ckpt.stage(run_dir, step))
         try:
-            backend.save_optimizer(Path(staged) / SHARDED_OPTIMIZER)
+            backend.save_optimizer(staged / SHARDED_OPTIMIZER)
             failed = None
         except Exception as err:  # noqa: BLE001 -- torch.distributed.checkpoint raises CheckpointException
             failed = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
@@ -753,7 +743,7 @@ def _save(accelerator, backend, run_dir, step, model, cfg, lr_scheduler, rank_st
                      "backend": backend.name, "num_processes": accelerator.num_processes, **json_state},
         torch_state={"optimizer": backend.optimizer_state(), "lr_scheduler": lr_scheduler.state_dict(),
                      "ranks": ranks},
-        keep=cfg.train.keep_checkpoints, extra_tensors=extra_tensors, staged=Path(staged) if staged else None,
+        keep=cfg.train.keep_checkpoints, extra_tensors=extra_tensors, staged=staged,
     ))
     accelerator.wait_for_everyone()
 
